@@ -1,0 +1,19 @@
+# The two commands of a fresh machine:  make replay   and   make test
+# Both build the cached environment on first use (scripts/venv.sh).
+VENV = $(shell scripts/venv.sh)
+PY = $(VENV)/bin/python
+
+.PHONY: test replay demo lint env
+
+env:
+	@scripts/venv.sh
+
+test:
+	$(PY) -m pytest -q
+
+demo:
+	$(PY) -m asyncbatch.demo
+
+lint:
+	$(PY) -m ruff check plugin tests
+	$(PY) -m mypy

@@ -1,0 +1,75 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A vLLM ``RequestQueue`` whose order is decided by a `WaitingPolicy`.
+
+vLLM's scheduler admits waiting requests by ``peek_request``/``pop_request`` on
+``Scheduler.waiting`` and stops at the first one that does not fit, so the
+order of this queue is the admission order.  Replacing the queue object is the
+whole hook: ``schedule()`` itself is not overridden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.request import Request
+
+from asyncbatch.policy import RequestView, WaitingPolicy
+
+
+def request_view(request: Request) -> RequestView:
+    return RequestView(
+        request_id=request.request_id,
+        arrival_time=request.arrival_time,
+        priority=request.priority,
+        num_prompt_tokens=request.num_prompt_tokens,
+        max_tokens=request.max_tokens,
+        block_hashes=request.block_hashes,
+        num_preemptions=request.num_preemptions,
+    )
+
+
+class PolicyRequestQueue(RequestQueue):
+    def __init__(self, policy: WaitingPolicy) -> None:
+        self.policy = policy
+        # request_id -> Request, for every request in the queue
+        self._requests: dict[str, Request] = {}
+
+    def add_request(self, request: Request) -> None:
+        self.policy.add(request_view(request))
+        self._requests[request.request_id] = request
+
+    def prepend_request(self, request: Request) -> None:
+        self.policy.prepend(request_view(request))
+        self._requests[request.request_id] = request
+
+    def prepend_requests(self, requests: RequestQueue) -> None:
+        # Same order as vLLM's FCFS deque.extendleft: the last one ends up first.
+        for request in requests:
+            self.prepend_request(request)
+
+    def peek_request(self) -> Request:
+        return self._requests[self.policy.peek()]
+
+    def pop_request(self) -> Request:
+        return self._requests.pop(self.policy.pop())
+
+    def remove_request(self, request: Request) -> None:
+        self.policy.remove(request.request_id)
+        del self._requests[request.request_id]
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.remove_request(request)
+
+    def __bool__(self) -> bool:
+        return bool(self._requests)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (self._requests[rid] for rid in self.policy)
+
+    def __contains__(self, request: object) -> bool:
+        return getattr(request, "request_id", None) in self._requests

@@ -1,0 +1,318 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Build a real vLLM 0.26 scheduler on a CPU and drive it like EngineCore does.
+
+`SimEngine.step` follows ``EngineCore.step_with_batch_queue``: it schedules a
+new batch while the queue of in-flight batches (two by default, as vLLM's
+async scheduling keeps) is not full, and otherwise completes the oldest batch
+with a simulated `ModelRunnerOutput`.  Sampled tokens are a pure function of
+(request id, output index), so two schedulers fed the same requests must
+produce the same tokens, whatever order they run them in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_platform_ready = False
+
+
+def use_cpu_platform() -> None:
+    """Make vLLM build configs on a machine without a GPU (as vLLM's CPU CI does).
+
+    Must run before ``vllm.config`` is first imported in this process.  On a
+    machine with a supported accelerator it does nothing.
+    """
+    global _platform_ready
+    if _platform_ready:
+        return
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    import vllm.platforms as platforms
+
+    if not platforms.current_platform.is_cuda_alike():
+        from vllm.platforms.cpu import CpuPlatform
+
+        platforms.current_platform = CpuPlatform()
+    _platform_ready = True
+
+
+def build_scheduler(
+    model_dir: str | Path,
+    scheduler_cls: type | str = "asyncbatch.Scheduler",
+    *,
+    num_blocks: int = 1024,
+    block_size: int = 16,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    max_model_len: int = 8192,
+    enable_prefix_caching: bool = True,
+    scheduling_policy: str = "fcfs",
+    long_prefill_token_threshold: int = 0,
+    additional_config: dict[str, Any] | None = None,
+    async_scheduling: bool = True,
+    log_stats: bool = True,
+) -> Any:
+    """A vLLM scheduler over ``num_blocks`` KV blocks of ``block_size`` tokens.
+
+    ``scheduler_cls`` is a class or a qualified name resolved the way vLLM's
+    ``--scheduler-cls`` is (``SchedulerConfig.get_scheduler_cls``).
+    """
+    use_cpu_platform()
+    import torch
+    from vllm.config import (
+        CacheConfig,
+        ModelConfig,
+        SchedulerConfig,
+        VllmConfig,
+    )
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    model_config = ModelConfig(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype="float32",
+        seed=0,
+        max_model_len=max_model_len,
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        is_encoder_decoder=False,
+        enable_chunked_prefill=True,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+        policy=scheduling_policy,
+        async_scheduling=async_scheduling,
+        scheduler_cls=scheduler_cls,
+    )
+    cache_config = CacheConfig(
+        block_size=block_size,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        additional_config=additional_config or {},
+    )
+    # The CPU platform turns async scheduling off ("not required on CPU") and may
+    # change the block size; put back what was asked for.
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
+    vllm_config.cache_config.block_size = block_size
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer"],
+                FullAttentionSpec(
+                    block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32
+                ),
+            )
+        ],
+    )
+    cls = vllm_config.scheduler_config.get_scheduler_cls()
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size,
+        log_stats=log_stats,
+    )
+
+
+_hasher_cache: dict[int, Callable[[Any], list[Any]]] = {}
+
+
+def make_request(
+    request_id: str,
+    prompt_token_ids: list[int],
+    *,
+    max_tokens: int,
+    block_size: int = 16,
+    priority: int = 0,
+    arrival_time: float | None = None,
+    stop_token_ids: list[int] | None = None,
+    ignore_eos: bool = True,
+) -> Any:
+    """A vLLM ``Request`` with real block hashes (sha256, vLLM's default)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    hasher = _hasher_cache.get(block_size)
+    if hasher is None:
+        init_none_hash(sha256)
+        hasher = _hasher_cache[block_size] = get_request_block_hasher(block_size, sha256)
+    params = SamplingParams(
+        max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids
+    )
+    params.update_from_generation_config({}, eos_token_id=1)
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=prompt_token_ids,
+        sampling_params=params,
+        pooling_params=None,
+        arrival_time=arrival_time,
+        priority=priority,
+        block_hasher=hasher,
+    )
+
+
+def default_token(request_id: str, index: int, vocab_size: int = 1024) -> int:
+    """The simulated model's output token ``index`` of a request (never 0 or 1)."""
+    digest = hashlib.blake2b(f"{request_id}:{index}".encode(), digest_size=4).digest()
+    return 2 + int.from_bytes(digest, "little") % (vocab_size - 2)
+
+
+@dataclass
+class SimStats:
+    num_steps: int = 0
+    num_empty_steps: int = 0
+    num_scheduled_tokens: int = 0
+    num_preemptions: int = 0
+    # prompt tokens looked up in the prefix cache / found there (new requests)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # largest number of blocks in use at the end of a step
+    max_blocks_in_use: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens that had to be computed, not found in the cache."""
+        return self.prefix_cache_queries - self.prefix_cache_hits
+
+
+@dataclass
+class FinishedRequest:
+    request_id: str
+    output_token_ids: list[int]
+    finish_reason: str
+    finish_step: int
+
+
+@dataclass
+class SimEngine:
+    """Drives a scheduler with simulated model outputs, ``max_in_flight`` steps deep.
+
+    Args:
+        scheduler: a vLLM scheduler (`build_scheduler`).
+        token_fn: ``(request_id, output_index) -> token id`` of the simulated model.
+        stop_at: request_id -> output index at which the model emits EOS (1).
+        on_step: called after every step with the engine (for invariant checks).
+    """
+
+    scheduler: Any
+    token_fn: Callable[[str, int], int] = default_token
+    stop_at: dict[str, int] = field(default_factory=dict)
+    max_in_flight: int = 2
+    on_step: Callable[[SimEngine], None] | None = None
+    stats: SimStats = field(default_factory=SimStats)
+    # request_id -> tokens returned to the client so far
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    # request_id -> how it ended
+    finished: dict[str, FinishedRequest] = field(default_factory=dict)
+    # (scheduler_output, request ids that sample a token in that step), newest first
+    in_flight: deque = field(default_factory=deque)
+
+    def add_request(self, request: Any) -> None:
+        self.outputs[request.request_id] = []
+        self.scheduler.add_request(request)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        from vllm.v1.request import RequestStatus
+
+        ids = [rid for rid in request_ids if rid not in self.finished]
+        for rid in ids:
+            if rid in self.scheduler.requests:
+                self.finished[rid] = FinishedRequest(
+                    rid, self.outputs[rid], "abort", self.stats.num_steps
+                )
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_work(self) -> bool:
+        return bool(self.in_flight) or self.scheduler.has_requests()
+
+    def step(self) -> None:
+        """One pass of ``EngineCore.step_with_batch_queue``."""
+        scheduler = self.scheduler
+        if len(self.in_flight) < self.max_in_flight and scheduler.has_requests():
+            out = scheduler.schedule()
+            self.stats.num_preemptions += len(out.preempted_req_ids or ())
+            samples = [
+                rid for rid in out.num_scheduled_tokens
+                if not scheduler.requests[rid].is_prefill_chunk
+            ]
+            self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
+            self.stats.num_empty_steps += out.total_num_scheduled_tokens == 0
+            self.in_flight.appendleft((out, samples))
+            if len(self.in_flight) < self.max_in_flight and scheduler.has_requests():
+                self._after_step()
+                return
+        if self.in_flight:
+            out, samples = self.in_flight.pop()
+            self._complete(out, samples)
+        self._after_step()
+
+    def _complete(self, out: Any, samples: list[str]) -> None:
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        scheduler = self.scheduler
+        req_ids = list(out.num_scheduled_tokens)
+        sampled: list[list[int]] = [[] for _ in req_ids]
+        index = {rid: i for i, rid in enumerate(req_ids)}
+        for rid in samples:
+            request = scheduler.requests.get(rid)
+            if request is None:
+                continue
+            n = request.num_output_tokens
+            token = 1 if self.stop_at.get(rid) == n else self.token_fn(rid, n)
+            sampled[index[rid]] = [token]
+        model_output = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled
+        )
+        engine_outputs = scheduler.update_from_output(out, model_output)
+        for eco in engine_outputs.values():
+            if eco.scheduler_stats is not None:
+                pcs = eco.scheduler_stats.prefix_cache_stats
+                self.stats.prefix_cache_queries += pcs.queries
+                self.stats.prefix_cache_hits += pcs.hits
+            for o in eco.outputs:
+                self.outputs[o.request_id].extend(o.new_token_ids)
+                if o.finish_reason is not None:
+                    self.finished[o.request_id] = FinishedRequest(
+                        o.request_id, self.outputs[o.request_id], str(o.finish_reason),
+                        self.stats.num_steps,
+                    )
+
+    def _after_step(self) -> None:
+        self.stats.num_steps += 1
+        pool = self.scheduler.kv_cache_manager.block_pool
+        in_use = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+        self.stats.max_blocks_in_use = max(self.stats.max_blocks_in_use, in_use)
+        if self.on_step is not None:
+            self.on_step(self)
+
+    def run(self, max_steps: int = 1_000_000) -> SimStats:
+        """Step until every request has finished and nothing is in flight."""
+        for _ in range(max_steps):
+            if not self.has_work():
+                return self.stats
+            self.step()
+        raise RuntimeError(f"not idle after {max_steps} steps")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (once) and print the path of the cached virtual environment that the
+# tests and the CPU replay run in.  It lives outside the checkout, keyed on the
+# hash of .ci/requirements.txt, so a warm machine reuses it and a change of pins
+# builds a new one.  vLLM 0.26 brings a CUDA build of torch: a cold build
+# downloads several GB.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${ASYNCBATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asyncbatch}
+key=$(cat "$root/.ci/requirements.txt" | sha256sum | cut -c1-12)
+venv="$cache/venv-$key"
+quiet() { grep -v "^WARNING: Location '" || true; }
+if [ ! -f "$venv/.complete" ]; then
+  echo "asyncbatch: building the environment in $venv (first run: several minutes) ..." >&2
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet >&2
+  "$venv/bin/python" -m pip install -q -r "$root/.ci/requirements.txt" 2>&1 | quiet >&2
+  touch "$venv/.complete"
+fi
+# The project itself, editable and without dependencies: a second or so.
+if [ "$("$venv/bin/python" -c 'import asyncbatch, os; print(os.path.dirname(asyncbatch.__file__))' 2>/dev/null)" != "$root/plugin/asyncbatch" ]; then
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | quiet >&2
+fi
+echo "$venv"
