@@ -10,10 +10,13 @@ cache=${ASYNCBATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asyncbatch}
 key=$(cat "$root/.ci/requirements.txt" | sha256sum | cut -c1-12)
 venv="$cache/venv-$key"
 quiet() { grep -v "^WARNING: Location '" || true; }
-if [ ! -f "$venv/.complete" ]; then
+mkdir -p "$cache"
+# One build at a time: a second caller waits for the first to finish.
+exec 9>"$cache/.lock"
+flock 9
+if [ ! -f "$venv/.complete" ] || [ ! -x "$venv/bin/python" ]; then
   echo "asyncbatch: building the environment in $venv (first run: several minutes) ..." >&2
   rm -rf "$venv"
-  mkdir -p "$cache"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet >&2
   "$venv/bin/python" -m pip install -q -r "$root/.ci/requirements.txt" 2>&1 | quiet >&2
@@ -21,6 +24,7 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # The project itself, editable and without dependencies: a second or so.
 if [ "$("$venv/bin/python" -c 'import asyncbatch, os; print(os.path.dirname(asyncbatch.__file__))' 2>/dev/null)" != "$root/plugin/asyncbatch" ]; then
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | quiet >&2
+  "$venv/bin/python" -m pip install -q --no-deps -e "$root" 2>&1 | quiet >&2
 fi
+flock -u 9
 echo "$venv"

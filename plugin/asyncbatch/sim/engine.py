@@ -144,7 +144,7 @@ def make_request(
     priority: int = 0,
     arrival_time: float | None = None,
     stop_token_ids: list[int] | None = None,
-    ignore_eos: bool = True,
+    ignore_eos: bool = False,
 ) -> Any:
     """A vLLM ``Request`` with real block hashes (sha256, vLLM's default)."""
     from vllm.sampling_params import SamplingParams
@@ -191,7 +191,9 @@ class SimStats:
 
     @property
     def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
 
     @property
     def num_computed_prompt_tokens(self) -> int:
@@ -230,6 +232,8 @@ class SimEngine:
     finished: dict[str, FinishedRequest] = field(default_factory=dict)
     # (scheduler_output, request ids that sample a token in that step), newest first
     in_flight: deque = field(default_factory=deque)
+    # the SchedulerOutput made by the last `step`, None if it only completed one
+    last_scheduled: Any = None
 
     def add_request(self, request: Any) -> None:
         self.outputs[request.request_id] = []
@@ -252,8 +256,9 @@ class SimEngine:
     def step(self) -> None:
         """One pass of ``EngineCore.step_with_batch_queue``."""
         scheduler = self.scheduler
+        self.last_scheduled = None
         if len(self.in_flight) < self.max_in_flight and scheduler.has_requests():
-            out = scheduler.schedule()
+            out = self.last_scheduled = scheduler.schedule()
             self.stats.num_preemptions += len(out.preempted_req_ids or ())
             samples = [
                 rid for rid in out.num_scheduled_tokens

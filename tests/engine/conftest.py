@@ -1,0 +1,28 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fixtures that build real vLLM 0.26 schedulers on the CPU."""
+
+import os
+
+import pytest
+
+if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="vLLM 0.26 is not installed")
+
+from streams import ASYNCBATCH  # noqa: E402
+
+from asyncbatch.sim.engine import build_scheduler, use_cpu_platform  # noqa: E402
+from asyncbatch.sim.model_dir import write_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    use_cpu_platform()
+    return write_model_dir(tmp_path_factory.mktemp("model"), "tiny")
+
+
+@pytest.fixture
+def make_scheduler(model_dir):
+    def make(cls=ASYNCBATCH, **kwargs):
+        return build_scheduler(model_dir, cls, **kwargs)
+
+    return make

@@ -1,0 +1,28 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run one offline vLLM engine and write its greedy outputs as JSON.
+
+Each engine runs in its own process so that two engines never share a GPU or
+compile caches' in-memory state:  python run_llm.py SPEC.json OUT.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], load_format="dummy", seed=0, **spec["engine_args"])
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+              for m in spec["max_tokens"]]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs]}
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

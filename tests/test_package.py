@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plugin entry point and version check (no vLLM import needed)."""
+
+import pytest
+
+import asyncbatch
+from asyncbatch import _compat
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.26.1", "0.26.0+cu130", "0.26.2.dev3"])
+def test_supported_versions(version):
+    assert _compat.check_vllm_version(version) == version
+
+
+@pytest.mark.parametrize("version", ["0.25.1", "0.27.0", "1.26.0", "0.2.6"])
+def test_unsupported_version_names_both(version):
+    with pytest.raises(_compat.UnsupportedVllmVersion) as e:
+        _compat.check_vllm_version(version)
+    msg = str(e.value)
+    assert version in msg and "0.26" in msg and asyncbatch.__version__ in msg
+
+
+def test_missing_vllm(monkeypatch):
+    monkeypatch.setattr(_compat, "installed_vllm_version", lambda: None)
+    with pytest.raises(_compat.UnsupportedVllmVersion, match="not installed"):
+        _compat.check_vllm_version()
+
+
+def test_register_checks_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(asyncbatch, "_registered", False)
+    monkeypatch.setattr(_compat, "check_vllm_version", lambda: calls.append(1) or "0.26.0")
+    asyncbatch.register()
+    asyncbatch.register()
+    assert calls == [1]
+
+
+def test_register_refuses_wrong_vllm(monkeypatch):
+    monkeypatch.setattr(asyncbatch, "_registered", False)
+    monkeypatch.setattr(_compat, "installed_vllm_version", lambda: "0.27.0")
+    with pytest.raises(_compat.UnsupportedVllmVersion, match="0.27.0"):
+        asyncbatch.register()
+    assert asyncbatch._registered is False
+
+
+def test_unknown_attribute():
+    with pytest.raises(AttributeError, match="Schedulr"):
+        asyncbatch.Schedulr  # noqa: B018
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "asyncbatch"]
+    assert len(eps) == 1 and eps[0].value == "asyncbatch:register"
