@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The compared variants and the engine arguments they share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+VARIANT_NAMES = ("sync", "async", "asyncbatch")
+BASELINE = "async"
+ASYNCBATCH_SCHEDULER = "asyncbatch.Scheduler"
+
+
+class VariantError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """Engine arguments common to all variants (the replay uses the same numbers)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.9
+    executor: str | None = "mp"
+    enable_prefix_caching: bool = True
+    asyncbatch_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def common_engine_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = dict(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size, max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching, seed=0,
+        )
+        if self.num_kv_blocks:
+            args["num_gpu_blocks_override"] = self.num_kv_blocks
+        if self.executor:
+            args["distributed_executor_backend"] = self.executor
+        args.update(self.extra)
+        return args
+
+    def engine_args(self, variant: str) -> dict[str, Any]:
+        """``vllm.LLM`` keyword arguments of ``variant``."""
+        check_variants([variant])
+        args = self.common_engine_args()
+        if variant == "sync":
+            args["async_scheduling"] = False
+        elif variant == "asyncbatch":
+            args["scheduler_cls"] = ASYNCBATCH_SCHEDULER
+            if self.asyncbatch_config:
+                args["additional_config"] = {"asyncbatch": self.asyncbatch_config}
+        return args
+
+    def serve_args(self, variant: str) -> list[str]:
+        """``vllm serve`` flags of ``variant``."""
+        out = []
+        for key, value in self.engine_args(variant).items():
+            flag = "--" + key.replace("_", "-")
+            if key == "num_gpu_blocks_override":
+                flag = "--num-gpu-blocks-override"
+            if isinstance(value, bool):
+                out.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, dict | list):
+                out += [flag, json.dumps(value)]
+            else:
+                out += [flag, str(value)]
+        return out
+
+
+def check_variants(variants: list[str]) -> list[str]:
+    unknown = [v for v in variants if v not in VARIANT_NAMES]
+    if unknown:
+        raise VariantError(f"unknown variant(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(VARIANT_NAMES)}")
+    if len(set(variants)) != len(variants):
+        raise VariantError(f"a variant is listed twice: {', '.join(variants)}")
+    return variants
+
+
+def parse_extra(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` engine arguments; VALUE is JSON when it parses as JSON."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise VariantError(f"--engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out

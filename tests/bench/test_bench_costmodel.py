@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The cost model, its two-in-flight timeline, its fit, and the calibration log parser."""
+
+import json
+import random
+
+import pytest
+
+from asyncbatch.bench.calibrate import default_out_name, gpu_samples, parse_step_log
+from asyncbatch.bench.replay import calibration_path, load_cost_model
+from asyncbatch.sim.costmodel import CostModel, StepFeatures, fit, timeline
+
+
+def test_timeline_overlaps_host_with_gpu_when_two_in_flight():
+    m = CostModel(gpu_step_s=0.010, prefill_token_s=0, decode_seq_s=0, kv_token_s=0,
+                  host_step_s=0.004)
+    steps = [StepFeatures(0, 1, 10, 1)] * 10
+    assert timeline(m, steps, 1)[-1] == pytest.approx(10 * 0.014)
+    # GPU-bound: host time hides behind the previous step's GPU time, except the first
+    assert timeline(m, steps, 2)[-1] == pytest.approx(0.004 + 10 * 0.010)
+    host_bound = CostModel(0.002, 0, 0, 0, 0.005)
+    assert timeline(host_bound, steps, 2)[-1] == pytest.approx(10 * 0.005 + 0.002)
+    ends = timeline(m, steps, 2)
+    assert ends == sorted(ends)
+
+
+def test_empty_step_costs_no_gpu_time():
+    m = CostModel(0.01, 1e-4, 1e-4, 1e-8, 0.001)
+    assert m.gpu_time(StepFeatures()) == 0.0
+    assert m.gpu_time(StepFeatures(100, 2, 1000, 3)) == pytest.approx(0.01 + 0.01 + 2e-4 + 1e-5)
+
+
+def test_fit_recovers_coefficients():
+    rng = random.Random(0)
+    true = [0.005, 5e-5, 4e-5, 2e-8]
+    rows = []
+    for _ in range(300):
+        f = StepFeatures(rng.randrange(0, 2000), rng.randrange(0, 64),
+                         rng.randrange(0, 200_000), 1)
+        y = true[0] + true[1] * f.num_prefill_tokens + true[2] * f.num_decode_seqs \
+            + true[3] * f.num_kv_tokens
+        rows.append((f, y * (1 + rng.uniform(-0.01, 0.01))))
+    coef, r2 = fit(rows)
+    assert r2 > 0.99
+    for c, t in zip(coef, true, strict=True):
+        assert c == pytest.approx(t, rel=0.1)
+    assert min(coef) >= 0
+
+
+def test_shipped_calibration_loads_and_says_where_it_came_from():
+    m, path = load_cost_model(None)
+    assert path == str(calibration_path())
+    assert "ESTIMATE" in m.source and m.meta["measured"] is False
+    assert m.gpu_step_s > 0 and m.host_step_s > 0
+
+
+def test_parse_step_log_pairs_steps_with_outputs_after_the_mark(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    recs = [{"s": [5, 0, 5, 1], "t0": 0.0, "t1": 0.001}, {"u": 0.01},  # warm-up
+            {"mark": "w", "t": 1.0}]
+    t = 1.0
+    for i in range(6):
+        recs.append({"s": [0, 2, 100 + i, 2], "t0": t, "t1": t + 0.001})
+        if i:
+            recs.append({"u": t - 0.0005})
+        t += 0.01
+    recs.append({"u": t})
+    log.write_text("\n".join(json.dumps(r) for r in recs))
+    steps = parse_step_log(log)["w"]
+    assert len(steps) == 6
+    assert steps[0]["f"] == StepFeatures(0, 2, 100, 2)
+    rows = gpu_samples(steps)
+    assert len(rows) == 5 and all(g > 0 for _, g in rows)
+
+
+def test_default_out_name():
+    assert default_out_name("NVIDIA H100 80GB HBM3", "llama-8b") == "h100-llama-8b.json"
+    assert default_out_name(None, None) == "gpu-model.json"

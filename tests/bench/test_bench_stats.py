@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A/B statistics: ABBA order, median and spread, the "within noise" verdict, tables."""
+
+import pytest
+
+from asyncbatch.bench.report import format_table, summarize_runs
+from asyncbatch.bench.stats import WITHIN_NOISE, abba_order, ratio, summarize, verdict
+
+
+def test_abba_order():
+    assert abba_order(["a", "b"], 2) == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
+    order = abba_order(["s", "a", "x"], 3)
+    assert [v for v, _ in order] == ["s", "a", "x", "x", "a", "s", "s", "a", "x"]
+    for v in "sax":
+        assert [k for w, k in order if w == v] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("variants, repeats", [([], 2), (["a"], 0), (["a", "a"], 2)])
+def test_abba_order_rejects_bad_input(variants, repeats):
+    with pytest.raises(ValueError):
+        abba_order(variants, repeats)
+
+
+def test_summary_median_and_spread():
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert s.median == 2.5 and s.min == 1.0 and s.max == 10.0 and s.spread == 9.0
+    assert s.fmt(1) == "2.5 (1.0..10.0)"
+    assert summarize([4.0]).fmt(2) == "4.00"
+
+
+def test_verdicts():
+    base = summarize([100.0, 110.0])
+    assert verdict(summarize([105.0, 112.0]), base) == WITHIN_NOISE
+    assert verdict(summarize([130.0, 135.0]), base) == "better"
+    assert verdict(summarize([80.0, 85.0]), base) == "worse"
+    # lower is better (latency)
+    assert verdict(summarize([80.0, 85.0]), base, higher_is_better=False) == "better"
+    # a wide spread hides a large difference of medians
+    assert verdict(summarize([100.0, 200.0]), base) == WITHIN_NOISE
+    # one measured run against a measured baseline has no spread to compare
+    assert verdict(summarize([150.0]), base) == WITHIN_NOISE
+    # deterministic simulation: one run each, any difference is real
+    assert verdict(summarize([101.0]), summarize([100.0])) == "better"
+    assert verdict(summarize([100.0]), summarize([100.0])) == "same"
+    assert ratio(summarize([150.0]), summarize([100.0])) == 1.5
+
+
+def _runs(values):
+    return [{"workload": "w", "variant": v, "repeat": k, "output_throughput": x,
+             "elapsed_time": 1000 / x, "num_preemptions": 0, "prefix_cache_hit_rate": 0.5}
+            for v, xs in values.items() for k, x in enumerate(xs)]
+
+
+def test_table_has_every_variant_ratio_and_noise_verdict():
+    runs = _runs({"async": [100.0, 110.0], "sync": [70.0, 72.0], "asyncbatch": [104.0, 109.0]})
+    table = format_table(runs, title="t")
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()
+             if line.startswith("| ") and "variant" not in line}
+    assert set(lines) == {"async", "sync", "asyncbatch"}
+    assert "1.00 (baseline)" in lines["async"]
+    assert "within noise" in lines["asyncbatch"]
+    assert "worse" in lines["sync"]
+    assert "105.0 (100.0..110.0)" in lines["async"]
+    assert "50.0" in lines["async"]  # hit rate in percent
+    assert "SIMULATED" in format_table(runs, title="t", simulated=True)
+    summary = summarize_runs(runs)
+    assert summary["w"]["sync"]["output_throughput"]["verdict"] == "worse"
+    assert summary["w"]["asyncbatch"]["output_throughput"]["ratio_vs_async"] == pytest.approx(
+        106.5 / 105.0)
