@@ -65,6 +65,8 @@ def test_parse_step_log_pairs_steps_with_outputs_after_the_mark(tmp_path):
             recs.append({"u": t - 0.0005})
         t += 0.01
     recs.append({"u": t})
+    recs += [{"mark": "", "t": t + 0.001},  # end of the timed run, then another warm-up
+             {"s": [5, 0, 5, 1], "t0": t + 0.002, "t1": t + 0.003}, {"u": t + 0.004}]
     log.write_text("\n".join(json.dumps(r) for r in recs))
     steps = parse_step_log(log)["w"]
     assert len(steps) == 6

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """A/B statistics: ABBA order, median and spread, the "within noise" verdict, tables."""
 
+import json
+
 import pytest
 
 from asyncbatch.bench.report import format_table, summarize_runs
@@ -67,3 +69,21 @@ def test_table_has_every_variant_ratio_and_noise_verdict():
     assert summary["w"]["sync"]["output_throughput"]["verdict"] == "worse"
     assert summary["w"]["asyncbatch"]["output_throughput"]["ratio_vs_async"] == pytest.approx(
         106.5 / 105.0)
+
+
+def test_compare_rankings(tmp_path):
+    from asyncbatch.bench.compare import compare
+
+    sim = {"runs": _runs({"async": [100.0], "sync": [80.0], "asyncbatch": [100.0]})}
+    gpu_same = {"runs": _runs({"async": [100.0, 104.0], "sync": [70.0, 75.0],
+                               "asyncbatch": [103.0, 105.0]})}
+    gpu_diff = {"runs": _runs({"async": [100.0, 104.0], "sync": [120.0, 125.0],
+                               "asyncbatch": [101.0, 103.0]})}
+    paths = {}
+    for name, data in (("sim", sim), ("same", gpu_same), ("diff", gpu_diff)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    table, agree = compare(paths["sim"], paths["same"])
+    assert agree and "within noise" in table and "DIFFERS" not in table
+    table, agree = compare(paths["sim"], paths["diff"])
+    assert not agree and "DIFFERS" in table

@@ -48,7 +48,8 @@ IDLE_GAP_S = 0.005
 
 def parse_step_log(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """workload label -> steps ``{"f": StepFeatures, "t0", "t1", "u"}`` scheduled
-    after that workload's timed run began (warm-up steps dropped)."""
+    between the marks that open (``{"mark": label}``) and close (``{"mark": ""}``)
+    that workload's timed run; warm-up steps are dropped."""
     marks: list[tuple[float, str]] = []
     scheduled: list[dict[str, Any]] = []
     updates: list[float] = []
@@ -69,7 +70,7 @@ def parse_step_log(path: str | Path) -> dict[str, list[dict[str, Any]]]:
         label = None
         for t, name in marks:
             if step["t0"] >= t:
-                label = name
+                label = name or None
         if label is not None:
             out.setdefault(label, []).append(step)
     return out

@@ -2,7 +2,8 @@
 """``asyncbatch-bench``: A/B benchmarks of asyncbatch against stock vLLM 0.26.
 
 Subcommands: ``replay`` (CPU, simulated time), ``offline`` and ``online`` (GPU),
-``calibrate`` (GPU, writes the replay's cost model) and ``workloads``.
+``calibrate`` (GPU, writes the replay's cost model), ``compare`` (replay against
+GPU rankings) and ``workloads``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ QUICK_MODEL = "dummy:llama-1b"
 FULL_MODEL = "dummy:llama-8b"
 REPLAY_WORKLOADS = ["replay-kv", "random"]
 GPU_WORKLOADS = ["replay-kv", "random"]
-QUICK_WORKLOADS = ["replay-kv", "random"]
+ONLINE_WORKLOADS = ["replay-kv"]
 
 
 class CliError(Exception):
@@ -55,7 +56,7 @@ def _gpu_common(p: argparse.ArgumentParser) -> None:
                                    f"folder made on the fly (default {FULL_MODEL}, "
                                    f"{QUICK_MODEL} with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help=f"small profile: {QUICK_MODEL}, workloads {' '.join(QUICK_WORKLOADS)}")
+                   help=f"small profile: model {QUICK_MODEL} instead of {FULL_MODEL}")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, >= 2 (default 2)")
     p.add_argument("--executor", default="mp",
                    help="distributed_executor_backend for every variant (default mp: stock "
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with `vllm bench serve`; servers are always shut down.")
     _common(p, variants="async,asyncbatch", kv_blocks=512)
     _gpu_common(p)
-    p.add_argument("--request-rates", default="4,16",
-                   help="comma-separated request rates (req/s; 'inf' allowed; default 4,16)")
+    p.add_argument("--request-rates", default="8,32",
+                   help="comma-separated request rates (req/s; 'inf' allowed; default 8,32)")
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--port", type=int, help="server port (default: a free one)")
     p.add_argument("--online-dataset", choices=["vllm", "custom"], default="vllm",
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sync", action="store_true",
                    help="skip the sync run (host time then = schedule() time only)")
 
+    p = sub.add_parser("compare", help="does a replay rank the variants as a GPU run does?",
+                       description="Prints the output-throughput verdicts against stock "
+                                   "async of a replay result and a GPU result side by side; "
+                                   "exit code 1 when a ranking differs.")
+    p.add_argument("replay_json", type=Path)
+    p.add_argument("gpu_json", type=Path)
+
     p = sub.add_parser("workloads", help="list the workloads and their parameters")
     p.add_argument("workload", nargs="*", help="show the size of these workloads")
     return parser
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         return {"replay": cmd_replay, "offline": cmd_offline, "online": cmd_online,
-                "calibrate": cmd_calibrate, "workloads": cmd_workloads}[args.cmd](args)
+                "calibrate": cmd_calibrate, "compare": cmd_compare,
+                "workloads": cmd_workloads}[args.cmd](args)
     except KeyboardInterrupt:
         print("asyncbatch-bench: interrupted", file=sys.stderr)
         return 130
@@ -194,6 +203,18 @@ def _finish(args: argparse.Namespace, mode: str, model_label: str, result: dict[
                           plot_title=title, simulated=simulated)
     print(table)
     print(f"\nresults: {paths['json']}\ntable:   {paths['md']}\nplot:    {paths['png']}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from asyncbatch.bench.compare import compare
+
+    for path in (args.replay_json, args.gpu_json):
+        if not path.is_file():
+            raise CliError(f"no such results file: {path}")
+    table, agree = compare(args.replay_json, args.gpu_json)
+    print(table)
+    print("rankings match" if agree else "rankings DIFFER")
+    return 0 if agree else 1
 
 
 def cmd_workloads(args: argparse.Namespace) -> int:
@@ -279,8 +300,7 @@ def _gpu_setup(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
         raise CliError("--repeats must be at least 2: a single run has no spread, so no "
                        "difference could be told from noise")
     model = resolve_model(args.model or (QUICK_MODEL if args.quick else FULL_MODEL))
-    default = QUICK_WORKLOADS if args.quick else GPU_WORKLOADS
-    return model, _workloads(args, default)
+    return model, _workloads(args, ONLINE_WORKLOADS if args.cmd == "online" else GPU_WORKLOADS)
 
 
 def _work_dir(args: argparse.Namespace, mode: str) -> Path:

@@ -63,5 +63,4 @@ def resolve_model(text: str, *, cache_dir: str | Path | None = None,
             f"model folder {text!r} {what}. Give a local model folder, or use a dummy-weight "
             f"model of a given shape, e.g. --model dummy:llama-8b (shapes: "
             f"{', '.join(SHAPES)}); nothing is downloaded.")
-    shape = None
-    return ModelSpec(str(path.resolve()), shape, False)
+    return ModelSpec(str(path.resolve()), None, False)

@@ -82,6 +82,11 @@ def run_offline(model: ModelSpec, workloads: list[tuple[str, Workload]], variant
             t0 = time.monotonic()
             out = run_worker(spec, work_dir, f"run{i:02d}-{variant}-{k}", timeout_s=timeout_s)
             gpu = gpu or out.get("gpu")
+            effective = out["effective_config"]["async_scheduling"]
+            if bool(effective) != (variant != "sync"):
+                raise BenchError(f"{variant}: the engine ran with async_scheduling={effective}, "
+                                 "so this variant is not what it claims to be; check the "
+                                 f"engine arguments (--executor {profile.executor})")
             for r in out["results"]:
                 runs.append({"variant": variant, "repeat": k, "order": i, **r,
                              "startup_s": out["startup_s"],

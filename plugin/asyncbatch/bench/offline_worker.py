@@ -28,6 +28,14 @@ def counters(llm: Any) -> dict[str, float]:
     return totals
 
 
+def _mark(label: str) -> None:
+    """Bracket a timed run in the step log of `asyncbatch.bench.step_log` ("" ends it)."""
+    path = os.environ.get("ASYNCBATCH_STEP_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"mark": label, "t": time.perf_counter()}) + "\n")
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     from vllm import LLM, SamplingParams
@@ -69,13 +77,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                          use_tqdm=False)
         llm.reset_prefix_cache()
         before = counters(llm)
-        mark = os.environ.get("ASYNCBATCH_STEP_LOG")
-        if mark:
-            with open(mark, "a") as f:
-                f.write(json.dumps({"mark": w["label"], "t": time.perf_counter()}) + "\n")
+        _mark(w["label"])
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
+        _mark("")
         after = counters(llm)
         llm.reset_prefix_cache()
         num_in = sum(len(o.prompt_token_ids or ()) for o in outputs)
