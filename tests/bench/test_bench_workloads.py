@@ -139,3 +139,7 @@ def test_custom_jsonl_roundtrip(tmp_path):
 def test_labels_are_distinct_for_distinct_parameters():
     assert workload_label("random") == "random"
     assert workload_label("random:input_len=5") != workload_label("random:input_len=6")
+    assert workload_label("replay-kv:order=sorted,seed=2") == "replay-kv.order=sorted.seed=2"
+    assert "/" not in workload_label("sharegpt:path=/data/sg.json")
+    long = workload_label("random:" + ",".join(f"input_len={i}" for i in range(20)))
+    assert len(long) < 30 and long.startswith("random-")

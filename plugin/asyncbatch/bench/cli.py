@@ -278,7 +278,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "kind": "replay", "simulated": True,
         "environment": environment_stamp("(simulated)", cost_model.meta.get("model_shape"),
                                          gpu=f"simulated: {cost_model.meta.get('gpu')}"),
-        "cost_model": {**cost_model.to_json(), "path": cal_path},
+        "cost_model": {**cost_model.to_json(), "path": _relative(cal_path)},
         "config": {"variants": variants, "replay": asdict(config),
                    "workloads": {label: workload_spec(w) for label, w in workloads},
                    "note": "deterministic: one run per variant; host overhead of step i "
@@ -291,6 +291,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
              f"{config.num_blocks} KV blocks")
     _finish(args, "replay", label, result, title, simulated=True)
     return 0
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _gpu_setup(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:

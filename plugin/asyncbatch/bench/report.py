@@ -159,7 +159,7 @@ def environment_stamp(model: str, model_shape: str | None, gpu: str | None = Non
         asyncbatch_version = "unknown"
     return {
         "date": dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": shlex.join(["asyncbatch-bench", *sys.argv[1:]]),
         "gpu": gpu or detect_gpu(),
         "vllm_version": vllm_version,
         "asyncbatch_version": asyncbatch_version,

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,10 +228,14 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
 
 
 def workload_label(text: str) -> str:
-    """A short file-name-safe label of a workload argument."""
-    name = text.partition(":")[0]
-    if ":" not in text:
+    """A short, file-name-safe label of a workload argument:
+    ``replay-kv:order=sorted`` -> ``replay-kv.order=sorted``."""
+    name, _, rest = text.partition(":")
+    if not rest:
         return name
+    label = re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{name}.{rest.replace(',', '.')}")
+    if len(label) <= 60:
+        return label
     digest = hashlib.blake2b(text.encode(), digest_size=3).hexdigest()
     return f"{name}-{digest}"
 
