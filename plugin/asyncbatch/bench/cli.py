@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd == "replay":
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
@@ -277,7 +278,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     result = {
         "kind": "replay", "simulated": True,
         "environment": environment_stamp("(simulated)", cost_model.meta.get("model_shape"),
-                                         gpu=f"simulated: {cost_model.meta.get('gpu')}"),
+                                         gpu=f"simulated: {cost_model.meta.get('gpu')}",
+                                         argv=args.argv),
         "cost_model": {**cost_model.to_json(), "path": _relative(cal_path)},
         "config": {"variants": variants, "replay": asdict(config),
                    "workloads": {label: workload_spec(w) for label, w in workloads},
@@ -328,7 +330,8 @@ def cmd_offline(args: argparse.Namespace) -> int:
                              repeats=args.repeats, work_dir=work_dir, num_warmup=args.warmup,
                              timeout_s=args.timeout, progress=not args.no_progress)
     result = {"kind": "offline", "simulated": False,
-              "environment": environment_stamp(model.path, model.shape, gpu=result["gpu"]),
+              "environment": environment_stamp(model.path, model.shape, gpu=result["gpu"],
+                                               argv=args.argv),
               **result}
     title = f"offline A/B, {model.label}, {result['environment']['gpu']}"
     _finish(args, "offline", model.label, result, title)
@@ -357,7 +360,8 @@ def cmd_online(args: argparse.Namespace) -> int:
                             health_timeout_s=args.health_timeout, bench_timeout_s=args.timeout,
                             progress=not args.no_progress)
     result = {"kind": "online", "simulated": False,
-              "environment": environment_stamp(model.path, model.shape), **result}
+              "environment": environment_stamp(model.path, model.shape, argv=args.argv),
+              **result}
     title = f"online A/B (vllm bench serve), {model.label}, {result['environment']['gpu']}"
     _finish(args, "online", model.label, result, title)
     return 0

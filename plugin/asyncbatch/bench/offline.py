@@ -18,6 +18,8 @@ from asyncbatch.bench.stats import abba_order
 from asyncbatch.bench.variants import EngineProfile, check_variants
 from asyncbatch.bench.workloads import Workload, workload_spec
 
+WORKER = [sys.executable, "-m", "asyncbatch.bench.offline_worker"]
+
 
 class BenchError(RuntimeError):
     pass
@@ -45,8 +47,7 @@ def run_worker(spec: dict[str, Any], work_dir: Path, name: str, *, timeout_s: fl
     log_path = work_dir / f"{name}.log"
     spec_path.write_text(json.dumps(spec, indent=1))
     out_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "asyncbatch.bench.offline_worker", str(spec_path),
-           str(out_path)]
+    cmd = [*WORKER, str(spec_path), str(out_path)]
     proc = procs.start(cmd, log_path, env={**os.environ, **(env or {})})
     try:
         try:

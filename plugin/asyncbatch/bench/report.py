@@ -147,7 +147,8 @@ def _fmt(s: Summary, m: Metric) -> str:
     return s.fmt(m.digits)
 
 
-def environment_stamp(model: str, model_shape: str | None, gpu: str | None = None) -> dict:
+def environment_stamp(model: str, model_shape: str | None, gpu: str | None = None,
+                      argv: list[str] | None = None) -> dict:
     """GPU, versions, model and the exact command line, for a results file."""
     try:
         vllm_version = metadata.version("vllm")
@@ -159,7 +160,7 @@ def environment_stamp(model: str, model_shape: str | None, gpu: str | None = Non
         asyncbatch_version = "unknown"
     return {
         "date": dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "command": shlex.join(["asyncbatch-bench", *sys.argv[1:]]),
+        "command": shlex.join(["asyncbatch-bench", *(sys.argv[1:] if argv is None else argv)]),
         "gpu": gpu or detect_gpu(),
         "vllm_version": vllm_version,
         "asyncbatch_version": asyncbatch_version,
