@@ -3,6 +3,8 @@
 in for by tests/bench/fake_vllm.py: run order, results files, failures."""
 
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +14,10 @@ from asyncbatch.bench import offline, online
 from asyncbatch.bench.cli import main
 
 FAKE = str(Path(__file__).with_name("fake_vllm.py"))
+
+
+def work_dir(stderr: str) -> Path:
+    return Path(re.search(r"logs in (\S+)", stderr).group(1))
 
 
 @pytest.fixture
@@ -25,8 +31,9 @@ def test_offline_ab_runs_abba_and_writes_results(fake_vllm, tmp_path, capsys):
     rc = main(["offline", "--model", "dummy:tiny", "--workload", "random:num_requests=4",
                "--workload", "replay-kv:num_groups=2,group_size=2", "--repeats", "2",
                "--result-dir", str(tmp_path / "res"), "--name", "o", "--no-progress"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0
+    assert not work_dir(err).exists()  # logs are dropped after a success
     result = json.loads((tmp_path / "res" / "o.json").read_text())
     order = [(r["variant"], r["repeat"]) for r in result["runs"]
              if r["workload"] == "random.num_requests=4"]
@@ -50,6 +57,9 @@ def test_offline_worker_failure_is_reported_with_its_log(fake_vllm, tmp_path, ca
                "--engine-arg", "fail=true", "--result-dir", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "exited with code 1" in err and "CUDA out of memory (fake)" in err
+    logs = work_dir(err)
+    assert any(p.suffix == ".log" for p in logs.iterdir())  # kept after a failure
+    shutil.rmtree(logs)
 
 
 def test_offline_refuses_a_variant_that_did_not_run_async(fake_vllm, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,12 +44,23 @@ def _common(p: argparse.ArgumentParser, *, variants: str, kv_blocks: int | None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=kv_blocks,
-                   help="KV cache size in blocks (vLLM --num-gpu-blocks-override); the "
-                        f"default {kv_blocks} keeps the prefix-shared working set from fitting, "
-                        "as in the replay; 0 = vLLM's own sizing")
-    p.add_argument("--asyncbatch-config", type=json.loads, default={}, metavar="JSON",
+                   help="KV cache size in blocks (vLLM --num-gpu-blocks-override); 0 = "
+                        "vLLM's own sizing" + (
+                            f"; the default {kv_blocks} keeps the prefix-shared working set "
+                            "from fitting, as in the replay" if kv_blocks else " (default)"))
+    p.add_argument("--asyncbatch-config", type=_json_object, default={}, metavar="JSON",
                    help='plugin settings for the asyncbatch variant, e.g. \'{"policy": "fcfs"}\'')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"policy\": \"fcfs\"}'")
+    return value
 
 
 def _gpu_common(p: argparse.ArgumentParser) -> None:
@@ -68,14 +80,15 @@ def _gpu_common(p: argparse.ArgumentParser) -> None:
                    help="extra engine argument for every variant (VALUE may be JSON)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per engine process")
     p.add_argument("--keep-work-dir", action="store_true",
-                   help="keep logs and request files (printed) after success")
+                   help="keep the logs and request files after success (a failed run always "
+                        "keeps them; their folder is printed at the start)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncbatch-bench",
         description="A/B benchmarks: stock vLLM (sync, async) against asyncbatch.Scheduler. "
-                    "Start with `asyncbatch-bench replay` (CPU only, about a minute).",
+                    "Start with `asyncbatch-bench replay` (CPU only, about 10 s).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="GPU: fit the replay's cost model, write its JSON",
                        description="Times every step of offline runs (async and sync "
                                    "scheduling) and fits the cost model by least squares.")
-    _common(p, variants="async", kv_blocks=512)
+    _common(p, variants="async", kv_blocks=None)
     _gpu_common(p)
     p.add_argument("--out", type=Path, help="output JSON (default: asyncbatch/bench/"
                                             "calibration/<gpu>-<shape>.json)")
@@ -316,6 +329,11 @@ def _work_dir(args: argparse.Namespace, mode: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"asyncbatch-{mode}-"))
 
 
+def _done_with(args: argparse.Namespace, work_dir: Path) -> None:
+    if not args.keep_work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def cmd_offline(args: argparse.Namespace) -> int:
     from asyncbatch.bench.offline import run_offline
     from asyncbatch.bench.procs import sigterm_raises
@@ -335,6 +353,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
               **result}
     title = f"offline A/B, {model.label}, {result['environment']['gpu']}"
     _finish(args, "offline", model.label, result, title)
+    _done_with(args, work_dir)
     return 0
 
 
@@ -364,6 +383,7 @@ def cmd_online(args: argparse.Namespace) -> int:
               **result}
     title = f"online A/B (vllm bench serve), {model.label}, {result['environment']['gpu']}"
     _finish(args, "online", model.label, result, title)
+    _done_with(args, work_dir)
     return 0
 
 
@@ -390,6 +410,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     out = args.out or calibration_path(default_out_name(cm.meta.get("gpu"), model.shape))
     cm.save(out)
+    _done_with(args, work_dir)
     print(json.dumps(cm.to_json(), indent=1))
     print(f"\ncost model written to {out}\nuse it: asyncbatch-bench replay --calibration {out}")
     return 0
