@@ -78,3 +78,34 @@ def test_parse_step_log_pairs_steps_with_outputs_after_the_mark(tmp_path):
 def test_default_out_name():
     assert default_out_name("NVIDIA H100 80GB HBM3", "llama-8b") == "h100-llama-8b.json"
     assert default_out_name(None, None) == "gpu-model.json"
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_step_log_schedulers_log_every_step(mode, tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    import time
+
+    from asyncbatch.bench.calibrate import STEP_LOG_SCHEDULERS, host_samples
+    from asyncbatch.bench.replay import replay_model_dir
+    from asyncbatch.bench.workloads import parse_workload
+    from asyncbatch.sim.engine import SimEngine, build_scheduler, make_request
+
+    log = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("ASYNCBATCH_STEP_LOG", str(log))
+    scheduler = build_scheduler(replay_model_dir(), STEP_LOG_SCHEDULERS[mode], num_blocks=64,
+                                max_num_seqs=4, max_num_batched_tokens=64,
+                                async_scheduling=mode == "async")
+    engine = SimEngine(scheduler, max_in_flight=2 if mode == "async" else 1)
+    reqs = parse_workload("random:num_requests=6,input_len=40,output_len=5").requests()
+    for r in reqs:
+        engine.add_request(make_request(r.request_id, r.prompt_token_ids, max_tokens=5))
+    log.write_text(json.dumps({"mark": "w", "t": time.perf_counter()}) + "\n")
+    engine.run()
+    steps = parse_step_log(log)["w"]
+    assert sum(s["f"].num_prefill_tokens for s in steps) == engine.stats.num_computed_prompt_tokens
+    # every request samples 5 tokens; the first comes from its last prefill step
+    assert sum(s["f"].num_decode_seqs for s in steps) == 6 * 4
+    assert all(s["u"] >= s["t1"] >= s["t0"] for s in steps)
+    assert len(gpu_samples(steps)) > 0
+    if mode == "sync":
+        assert len(host_samples(steps, CostModel(0, 0, 0, 0, 0))) > 0
