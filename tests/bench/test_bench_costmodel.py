@@ -109,3 +109,40 @@ def test_step_log_schedulers_log_every_step(mode, tmp_path, monkeypatch):
     assert len(gpu_samples(steps)) > 0
     if mode == "sync":
         assert len(host_samples(steps, CostModel(0, 0, 0, 0, 0))) > 0
+
+
+def _synthetic_log(model, features, mode):
+    """Step records as the step-log schedulers would write them on a GPU that follows
+    `model` exactly (two in flight for async, one for sync)."""
+    steps, gpu_end, host_done = [], [], 0.0
+    h = model.host_step_s
+    for i, f in enumerate(features):
+        g = model.gpu_time(f)
+        prev = gpu_end[i - 1] if i else 0.0
+        if mode == "sync":
+            t0 = prev
+            t1 = t0 + h
+            gpu_end.append(t1 + g)
+        else:
+            gate = gpu_end[i - 2] if i >= 2 else 0.0
+            t0 = max(host_done, gate)
+            t1 = host_done = t0 + h
+            gpu_end.append(max(prev, t1) + g)
+        steps.append({"f": f, "t0": t0, "t1": t1, "u": gpu_end[i]})
+    return steps
+
+
+def test_calibration_recovers_the_model_that_made_the_timings():
+    from asyncbatch.bench.calibrate import host_samples
+
+    rng = random.Random(1)
+    true = CostModel(0.006, 4e-5, 6e-5, 4e-8, 0.003)
+    features = [StepFeatures(p, d, k, d + (p > 0))
+                for p, d, k in ((rng.choice([0, 0, rng.randrange(16, 2048)]),
+                                 rng.randrange(1, 64), rng.randrange(1000, 100_000))
+                                for _ in range(400))]
+    (g0, p, d, k), r2 = fit(gpu_samples(_synthetic_log(true, features, "async")))
+    assert r2 > 0.999
+    assert (g0, p, d, k) == pytest.approx((0.006, 4e-5, 6e-5, 4e-8), rel=0.02)
+    hs = host_samples(_synthetic_log(true, features, "sync"), CostModel(g0, p, d, k, 0.0))
+    assert sorted(hs)[len(hs) // 2] == pytest.approx(0.003, rel=0.05)

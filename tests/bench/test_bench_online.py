@@ -113,3 +113,10 @@ def test_serve_command_uses_python_module_and_variant_flags(tmp_path):
     assert "--scheduler-cls" not in stock and "--no-async-scheduling" not in stock
     assert "--no-async-scheduling" in serve_cmd(model, profile, "sync", 8123)
     assert os.path.basename(model.path) == "dummy-llama-8b"
+
+
+def test_engine_args_fit_max_model_len_to_a_small_kv_cache():
+    assert EngineProfile(num_kv_blocks=512).engine_args("async")["max_model_len"] == 8192
+    assert EngineProfile(num_kv_blocks=256).engine_args("sync")["max_model_len"] == 4096
+    assert EngineProfile().engine_args("async")["max_model_len"] == 8192
+    assert "num_gpu_blocks_override" not in EngineProfile().engine_args("async")

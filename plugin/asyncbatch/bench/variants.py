@@ -32,9 +32,13 @@ class EngineProfile:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def common_engine_args(self) -> dict[str, Any]:
+        max_model_len = self.max_model_len
+        if self.num_kv_blocks:
+            # vLLM refuses a max_model_len that the KV cache could not hold
+            max_model_len = min(max_model_len, self.num_kv_blocks * self.block_size)
         args: dict[str, Any] = dict(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            block_size=self.block_size, max_model_len=self.max_model_len,
+            block_size=self.block_size, max_model_len=max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching, seed=0,
         )
