@@ -3,6 +3,7 @@
 
 import json
 import socket
+import tempfile
 
 import pytest
 
@@ -40,6 +41,7 @@ def test_one_repeat_is_refused(capsys):
 
 def test_online_port_in_use(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ASYNCBATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -47,6 +49,7 @@ def test_online_port_in_use(capsys, tmp_path, monkeypatch):
         rc, _, err = run(capsys, "online", "--model", "dummy:tiny", "--port", str(port),
                          "--result-dir", str(tmp_path / "res"), "--no-progress")
     assert rc == 2 and f"port {port}" in err and "already in use" in err
+    assert not (tmp_path / "tmp").exists()  # refused before anything was made
 
 
 def test_workloads_lists_and_sizes(capsys):

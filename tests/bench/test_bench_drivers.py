@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ def fake_vllm(monkeypatch, tmp_path):
     monkeypatch.setattr(offline, "WORKER", [sys.executable, FAKE])
     monkeypatch.setattr(online, "VLLM_CLI", [sys.executable, FAKE])
     monkeypatch.setenv("ASYNCBATCH_CACHE", str(tmp_path / "cache"))
+    # work folders (kept after a failure) go under tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def test_offline_ab_runs_abba_and_writes_results(fake_vllm, tmp_path, capsys):

@@ -368,6 +368,10 @@ def cmd_online(args: argparse.Namespace) -> int:
     except ValueError:
         raise CliError(f"--request-rates wants numbers, got {args.request_rates!r}") from None
     model, workloads = _gpu_setup(args)
+    if args.port is not None:
+        from asyncbatch.bench.online import check_port_free
+
+        check_port_free(args.port)
     work_dir = _work_dir(args, "online")
     out_dir = args.result_dir or RESULTS / "online"
     print(f"asyncbatch-bench online: logs in {work_dir}", file=sys.stderr)

@@ -11,7 +11,6 @@ the same numbers.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -54,18 +53,12 @@ def load_cost_model(path: str | Path | None) -> tuple[CostModel, str]:
     return CostModel.load(p), str(p)
 
 
-_model_dir: Path | None = None
-
-
 def replay_model_dir() -> Path:
-    """A throw-away ``tiny`` model folder (config + tokenizer) for the scheduler's
+    """The cached ``dummy:tiny`` model folder (config + tokenizer) for the scheduler's
     ``ModelConfig``; step costs come from the cost model, not from this shape."""
-    global _model_dir
-    if _model_dir is None:
-        from asyncbatch.sim.model_dir import write_model_dir
+    from asyncbatch.bench.models import resolve_model
 
-        _model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="asyncbatch-replay-")), "tiny")
-    return _model_dir
+    return Path(resolve_model("dummy:tiny").path)
 
 
 def run_variant(variant: str, requests: list[BenchRequest], cost_model: CostModel,
