@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_when_absent():
     assert AsyncBatchConfig.from_additional_config({}) == AsyncBatchConfig()
     assert AsyncBatchConfig.from_additional_config(None) == AsyncBatchConfig()
-    assert AsyncBatchConfig.from_additional_config({"other_plugin": {"x": 1}}).policy == "fcfs"
+    assert AsyncBatchConfig.from_additional_config({"other_plugin": {"x": 1}}).policy == "prefix"
 
 
 def test_unknown_key_names_key_and_allowed():

@@ -25,11 +25,77 @@ class AsyncBatchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    policy: Literal["fcfs"] = Field(
-        default="fcfs",
+    policy: Literal["prefix", "fcfs"] = Field(
+        default="prefix",
         description=(
-            "Waiting-queue policy. 'fcfs': vLLM's own order (first come first served, or "
-            "by priority under --scheduling-policy priority)."
+            '"prefix": group waiting requests that share a prompt prefix and admit each group '
+            'together, decode-heavy groups first, gated by a KV-memory forecast. "fcfs": '
+            "vLLM's own order (first come first served, or by priority under "
+            "--scheduling-policy priority), nothing else changed."
+        ),
+    )
+    grouping: bool = Field(
+        default=True,
+        description=(
+            'With policy "prefix": false keeps arrival order (each request its own group) '
+            "but keeps the memory forecast and the wait bound."
+        ),
+    )
+    min_shared_blocks: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Leading full KV blocks (of --block-size tokens) two prompts must share to be "
+            "grouped."
+        ),
+    )
+    decode_first: bool = Field(
+        default=True,
+        description=(
+            "Admit groups with more decode tokens per prompt token to compute first "
+            "(in factor-of-sqrt(2) buckets; arrival order within a bucket)."
+        ),
+    )
+    max_wait_steps: int = Field(
+        default=512,
+        ge=0,
+        description=(
+            "Wait bound: once the policy has admitted out of arrival order in more than this "
+            "many scheduler steps since a request arrived, the oldest waiting request goes "
+            "first. 0 = arrival order."
+        ),
+    )
+    max_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Wait bound in seconds since arrival, on top of max_wait_steps; null = none."
+        ),
+    )
+    memory_gate: bool = Field(
+        default=True,
+        description=(
+            "Admit a request only if the KV blocks it and the running requests are forecast "
+            "to need (prompt + expected output) fit, so admissions do not cause preemptions."
+        ),
+    )
+    kv_headroom: float = Field(
+        default=-0.3,
+        ge=-1.0,
+        le=0.5,
+        description=(
+            "Share of the KV cache the memory forecast keeps free. Negative values let the "
+            "forecast overcommit (vLLM preempts if it comes true): a strict forecast (0) "
+            "avoids preemptions but admits fewer requests than vLLM does, which cost 10% "
+            "on a random workload in the CPU replay; -0.3 matched vLLM's preemption count."
+        ),
+    )
+    release_done_prefixes: bool = Field(
+        default=True,
+        description=(
+            "When the last request using a shared prefix finishes and no waiting request "
+            "needs it, put its cached blocks first in line for eviction (vLLM's LRU would "
+            "keep them longest)."
         ),
     )
 
@@ -62,10 +128,16 @@ def _allowed_keys() -> str:
 
 
 def _allowed_values(key: str) -> str:
-    field = AsyncBatchConfig.model_fields.get(key)
-    if field is None:
-        return ""
-    schema = AsyncBatchConfig.model_json_schema()["properties"][key]
+    properties = AsyncBatchConfig.model_json_schema()["properties"]
+    if key not in properties:
+        return "a known setting"
+    schema = properties[key]
+    if "anyOf" in schema:
+        return " or ".join(_describe(option) for option in schema["anyOf"])
+    return _describe(schema)
+
+
+def _describe(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     if "const" in schema:
@@ -75,8 +147,9 @@ def _allowed_values(key: str) -> str:
                      ("exclusiveMaximum", "<")):
         if word in schema:
             bounds.append(f"{op} {schema[word]}")
-    kind = schema.get("type", "value")
-    return f"{kind}" + (f" {' and '.join(bounds)}" if bounds else "")
+    kind = {"null": "null", "integer": "an integer", "number": "a number",
+            "boolean": "true or false", "string": "a string"}.get(schema.get("type", ""), "a value")
+    return kind + (f" {' and '.join(bounds)}" if bounds else "")
 
 
 def _explain(error: ValidationError) -> str:

@@ -10,11 +10,15 @@ from asyncbatch.config import InvalidSettings
 from asyncbatch.glue.scheduler import AsyncSchedulingRequired
 from asyncbatch.sim.engine import SimEngine, make_request
 
+FCFS = {"asyncbatch": {"policy": "fcfs"}}
 
-def run_both(make_scheduler, stream, **kwargs):
+
+def run_both(make_scheduler, stream, settings=None, **kwargs):
+    """The same stream through stock AsyncScheduler and asyncbatch.Scheduler."""
     results = {}
     for name, cls in (("stock", STOCK), ("asyncbatch", ASYNCBATCH)):
-        engine = SimEngine(make_scheduler(cls, **kwargs))
+        extra = {"additional_config": settings} if cls == ASYNCBATCH and settings else {}
+        engine = SimEngine(make_scheduler(cls, **kwargs, **extra))
         feed(engine, stream, block_size=kwargs.get("block_size", 16))
         assert_idle_and_clean(engine)
         results[name] = engine
@@ -40,7 +44,7 @@ def test_is_an_async_scheduler_resolved_by_qualname(make_scheduler):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_same_tokens_as_stock_with_ample_kv(make_scheduler, seed):
     stream = prefix_stream(seed, num_groups=5, members=6)
-    stock, ours = run_both(make_scheduler, stream, num_blocks=2048, max_num_seqs=32)
+    stock, ours = run_both(make_scheduler, stream, FCFS, num_blocks=2048, max_num_seqs=32)
     assert len(ours.finished) == 30
     assert {r: f.output_token_ids for r, f in ours.finished.items()} == {
         r: f.output_token_ids for r, f in stock.finished.items()
@@ -53,7 +57,7 @@ def test_same_tokens_as_stock_with_ample_kv(make_scheduler, seed):
 def test_every_running_request_decodes_every_step(make_scheduler):
     """Two steps in flight: a lone request must get a token scheduled in every
     step.  A scheduler that is not an AsyncScheduler skips every other step."""
-    engine = SimEngine(make_scheduler(ASYNCBATCH))
+    engine = SimEngine(make_scheduler(ASYNCBATCH, additional_config=FCFS))
     engine.add_request(make_request("solo", list(range(2, 34)), max_tokens=40))
     engine.run()
     assert len(engine.finished["solo"].output_token_ids) == 40
@@ -67,7 +71,7 @@ def test_kv_pressure_preemption_aborts_and_stops(make_scheduler, seed):
     stream = prefix_stream(seed, num_groups=8, members=5, max_tokens=40, num_aborts=8,
                            num_stops=6)
     # 48 blocks of 16 tokens: far less than the ~40 requests of 80-120 tokens need.
-    stock, ours = run_both(make_scheduler, stream, num_blocks=48, max_num_seqs=16,
+    stock, ours = run_both(make_scheduler, stream, FCFS, num_blocks=48, max_num_seqs=16,
                            max_num_batched_tokens=256)
     assert ours.stats.num_preemptions > 0 and stock.stats.num_preemptions > 0
     reasons = {f.finish_reason for f in ours.finished.values()}
@@ -96,7 +100,7 @@ def engine_token(rid, i):
 
 def test_priority_policy_keeps_priority_semantics(make_scheduler):
     stream = prefix_stream(4, num_groups=4, members=5, priorities=True)
-    stock, ours = run_both(make_scheduler, stream, num_blocks=64, max_num_seqs=4,
+    stock, ours = run_both(make_scheduler, stream, FCFS, num_blocks=64, max_num_seqs=4,
                            scheduling_policy="priority")
     assert type(ours.scheduler.waiting).__name__ == "PolicyRequestQueue"
     assert {r: f.output_token_ids for r, f in ours.finished.items()} == {

@@ -30,8 +30,13 @@ def request_view(request: Request) -> RequestView:
 
 
 class PolicyRequestQueue(RequestQueue):
+    """While ``gated`` (during the waiting-admission part of ``schedule()``), the
+    queue is falsy once the policy closes admission for the step, which ends
+    vLLM's admission loop without an override of ``schedule()``."""
+
     def __init__(self, policy: WaitingPolicy) -> None:
         self.policy = policy
+        self.gated = False
         # request_id -> Request, for every request in the queue
         self._requests: dict[str, Request] = {}
 
@@ -63,6 +68,8 @@ class PolicyRequestQueue(RequestQueue):
             self.remove_request(request)
 
     def __bool__(self) -> bool:
+        if self.gated:
+            return self.policy.admissible()
         return bool(self._requests)
 
     def __len__(self) -> int:

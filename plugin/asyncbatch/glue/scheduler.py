@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Hashable
 from typing import Any
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.request import Request, RequestStatus
 
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.policy import make_policy
+from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
 
 logger = init_logger(__name__)
 
@@ -38,15 +44,105 @@ class Scheduler(AsyncScheduler):
                 "asyncbatch.Scheduler needs vLLM's async scheduling (two batches in "
                 f"flight), but it is off: {reason}"
             )
-        self.asyncbatch_config = AsyncBatchConfig.from_additional_config(
+        self.asyncbatch_config = settings = AsyncBatchConfig.from_additional_config(
             vllm_config.additional_config
         )
         super().__init__(vllm_config=vllm_config, **kwargs)
-        self.waiting = PolicyRequestQueue(
-            make_policy(self.asyncbatch_config.policy, vllm_policy=self.policy.value)
+        self.prefix_policy: PrefixGroupingPolicy | None = None
+        # request_id -> prompt tokens it found in the prefix cache when admitted
+        self._num_cached_tokens: dict[str, int] = {}
+        if settings.policy == "prefix":
+            pool = self.kv_cache_manager.block_pool
+            self.prefix_policy = PrefixGroupingPolicy(
+                block_size=self.hash_block_size,
+                num_total_blocks=pool.num_gpu_blocks,
+                min_shared_blocks=settings.min_shared_blocks,
+                max_wait_steps=settings.max_wait_steps,
+                max_wait_s=settings.max_wait_s,
+                kv_headroom=settings.kv_headroom,
+                decode_first=settings.decode_first,
+                use_priority=self.policy.value == "priority",
+                grouping=settings.grouping and self.cache_config.enable_prefix_caching,
+                is_cached=self._is_cached,
+            )
+            self.waiting = PolicyRequestQueue(self.prefix_policy)
+        else:
+            self.waiting = PolicyRequestQueue(
+                make_policy(settings.policy, vllm_policy=self.policy.value)
+            )
+        logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s)",
+                    settings, self.policy.value)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        policy = self.prefix_policy
+        if policy is None or not self.waiting:
+            return super().schedule(*args, **kwargs)
+        policy.begin_step(self._step_state(policy))
+        self.waiting.gated = self.asyncbatch_config.memory_gate
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            self.waiting.gated = False
+            policy.end_step()
+        for new in out.scheduled_new_reqs:
+            # Tokens found in the prefix cache at admission: blocks shared with others.
+            self._num_cached_tokens[new.req_id] = new.num_computed_tokens
+        return out
+
+    def _step_state(self, policy: PrefixGroupingPolicy) -> StepState:
+        running: list[tuple[int, int]] = []
+        if self.asyncbatch_config.memory_gate and len(self.running) < self.max_num_running_reqs:
+            block_size = self.block_size
+            expected = policy.expected_tokens
+            cached = self._num_cached_tokens
+            for r in self.running:
+                computed = r.num_computed_tokens
+                # Blocks found in the prefix cache are shared: not this request's own.
+                own = -(-computed // block_size) - cached.get(r.request_id, 0) // block_size
+                left = expected(r.num_prompt_tokens, r.max_tokens) - computed
+                running.append((max(left, 0), max(own, 0)))
+        return StepState(
+            num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            running=running,
+            now=time.time(),
         )
-        logger.info(
-            "asyncbatch scheduler: policy=%s, vLLM scheduling policy=%s",
-            self.asyncbatch_config.policy,
-            self.policy.value,
+
+    def _is_cached(self, block_hash: Hashable) -> bool:
+        if not self.cache_config.enable_prefix_caching:
+            return False
+        key = make_block_hash_with_group_id(block_hash, 0)  # type: ignore[arg-type]
+        cached = self.kv_cache_manager.block_pool.cached_block_hash_to_block
+        return cached.get_one_block(key) is not None
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+        # Learn output lengths from requests that ended on their own.
+        if self.prefix_policy is not None and request.status != RequestStatus.FINISHED_ABORTED:
+            self.prefix_policy.on_finished(request.num_output_tokens, request.max_tokens)
+        self._num_cached_tokens.pop(request.request_id, None)
+        return super()._free_request(request, delay_free_blocks)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        policy = self.prefix_policy
+        k = self.asyncbatch_config.min_shared_blocks
+        hashes = request.block_hashes
+        release = (
+            policy is not None
+            and self.asyncbatch_config.release_done_prefixes
+            and self.cache_config.enable_prefix_caching
+            and not self.defer_block_free
+            and len(hashes) >= k
+            and not policy.prefix_wanted(hashes[k - 1])
         )
+        blocks = self.kv_cache_manager.get_blocks(request.request_id).blocks[0] if release else ()
+        super()._free_request_blocks(request)
+        if not release:
+            return
+        # Blocks nobody holds and no waiting request needs: evict them before the
+        # prefixes that waiting requests still want (vLLM's LRU would evict those first).
+        unwanted = [b for b in blocks if b.ref_cnt == 0 and not b.is_null
+                    and b.block_hash is not None]
+        if unwanted:
+            queue = self.kv_cache_manager.block_pool.free_block_queue
+            for block in unwanted:
+                queue.remove(block)
+            queue.prepend_n(unwanted[::-1])

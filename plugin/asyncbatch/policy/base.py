@@ -45,3 +45,8 @@ class WaitingPolicy(ABC):
 
     def __contains__(self, request_id: object) -> bool:
         return any(rid == request_id for rid in self)
+
+    def admissible(self) -> bool:
+        """Whether the request `peek` names may be admitted in the current step.
+        Policies without a memory gate admit whenever they have a request."""
+        return len(self) > 0
