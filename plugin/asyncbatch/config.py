@@ -37,8 +37,8 @@ class AsyncBatchConfig(BaseModel):
     grouping: bool = Field(
         default=True,
         description=(
-            'With policy "prefix": false keeps arrival order (each request its own group) '
-            "but keeps the memory forecast and the wait bound."
+            'With policy "prefix": false makes each request its own group; decode_first, '
+            "the memory forecast and the wait bound still apply."
         ),
     )
     min_shared_blocks: int = Field(
@@ -91,11 +91,12 @@ class AsyncBatchConfig(BaseModel):
         ),
     )
     release_done_prefixes: bool = Field(
-        default=True,
+        default=False,
         description=(
             "When the last request using a shared prefix finishes and no waiting request "
-            "needs it, put its cached blocks first in line for eviction (vLLM's LRU would "
-            "keep them longest)."
+            "needs it, put its cached blocks first in line for eviction (vLLM's LRU keeps "
+            "them longest). Off by default: no effect in the CPU replay, and it evicts "
+            "prefixes that requests arriving later could have reused."
         ),
     )
 
