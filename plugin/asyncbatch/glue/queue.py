@@ -9,8 +9,9 @@ whole hook: ``schedule()`` itself is not overridden.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.request import Request
 
@@ -32,11 +33,19 @@ def request_view(request: Request) -> RequestView:
 class PolicyRequestQueue(RequestQueue):
     """While ``gated`` (during the waiting-admission part of ``schedule()``), the
     queue is falsy once the policy closes admission for the step, which ends
-    vLLM's admission loop without an override of ``schedule()``."""
+    vLLM's admission loop without an override of ``schedule()``.
+
+    Where vLLM has the waiting-queue hooks (patches/0001), ``schedule()`` calls
+    `begin_step`, `may_admit` and `end_step` itself: ``admission_gated`` then
+    stands for ``gated`` and the queue never turns falsy."""
 
     def __init__(self, policy: WaitingPolicy) -> None:
         self.policy = policy
         self.gated = False
+        self.admission_gated = False
+        # Set by asyncbatch.Scheduler where vLLM has the waiting-queue hooks.
+        self.on_begin_step: Callable[[], None] | None = None
+        self.on_end_step: Callable[[SchedulerOutput], None] | None = None
         # request_id -> Request, for every request in the queue
         self._requests: dict[str, Request] = {}
 
@@ -71,6 +80,17 @@ class PolicyRequestQueue(RequestQueue):
         if self.gated:
             return self.policy.admissible()
         return bool(self._requests)
+
+    def begin_step(self, scheduler: object) -> None:
+        if self.on_begin_step is not None:
+            self.on_begin_step()
+
+    def may_admit(self) -> bool:
+        return self.policy.admissible() if self.admission_gated else True
+
+    def end_step(self, scheduler_output: SchedulerOutput) -> None:
+        if self.on_end_step is not None:
+            self.on_end_step(scheduler_output)
 
     def __len__(self) -> int:
         return len(self._requests)

@@ -12,6 +12,8 @@ from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.request import Request, RequestStatus
 
 from asyncbatch._compat import check_vllm_version
@@ -22,6 +24,14 @@ from asyncbatch.policy import make_policy
 from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
 
 logger = init_logger(__name__)
+
+# Hooks proposed to vLLM (patches/ in the repository). Where the installed vLLM has one,
+# vLLM calls the public method of the same name below; otherwise asyncbatch overrides the
+# private vLLM method that the hook replaces (the `if not HAS_...` blocks in the class).
+HAS_WAITING_QUEUE_HOOKS = hasattr(VllmScheduler, "make_waiting_queue") and hasattr(
+    RequestQueue, "may_admit")
+HAS_FINISHED_HOOK = hasattr(VllmScheduler, "on_request_finished")
+HAS_EVICT_FIRST_HOOK = hasattr(VllmScheduler, "evict_cached_blocks_first")
 
 
 class AsyncSchedulingRequired(RuntimeError):
@@ -36,6 +46,8 @@ class Scheduler(AsyncScheduler):
     argument is passed on to `AsyncScheduler` unchanged.
     """
 
+    waiting: PolicyRequestQueue
+
     def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
         check_vllm_version()
         reason = async_scheduling_disabled_reason(vllm_config)
@@ -47,10 +59,20 @@ class Scheduler(AsyncScheduler):
         self.asyncbatch_config = settings = AsyncBatchConfig.from_additional_config(
             vllm_config.additional_config
         )
-        super().__init__(vllm_config=vllm_config, **kwargs)
         self.prefix_policy: PrefixGroupingPolicy | None = None
         # request_id -> prompt tokens it found in the prefix cache when admitted
         self._num_cached_tokens: dict[str, int] = {}
+        self._policy_step_open = False
+        super().__init__(vllm_config=vllm_config, **kwargs)
+        if not HAS_WAITING_QUEUE_HOOKS:
+            self.waiting = self.make_waiting_queue()
+        logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s)",
+                    settings, self.policy.value)
+
+    def make_waiting_queue(self) -> PolicyRequestQueue:
+        """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the
+        waiting-queue hooks, else by ours, replacing vLLM's queue)."""
+        settings = self.asyncbatch_config
         if settings.policy == "prefix":
             pool = self.kv_cache_manager.block_pool
             self.prefix_policy = PrefixGroupingPolicy(
@@ -65,29 +87,53 @@ class Scheduler(AsyncScheduler):
                 grouping=settings.grouping and self.cache_config.enable_prefix_caching,
                 is_cached=self._is_cached,
             )
-            self.waiting = PolicyRequestQueue(self.prefix_policy)
-        else:
-            self.waiting = PolicyRequestQueue(
-                make_policy(settings.policy, vllm_policy=self.policy.value)
-            )
-        logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s)",
-                    settings, self.policy.value)
+            queue = PolicyRequestQueue(self.prefix_policy)
+            if HAS_WAITING_QUEUE_HOOKS:
+                queue.on_begin_step = self._on_begin_step
+                queue.on_end_step = self._on_end_step
+            return queue
+        return PolicyRequestQueue(make_policy(settings.policy, vllm_policy=self.policy.value))
 
-    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+    def _begin_policy_step(self) -> bool:
+        """Start of `schedule()`: the prefix policy gets the step's KV figures.
+        True if it did (then `_end_policy_step` follows)."""
         policy = self.prefix_policy
         if policy is None or not self.waiting:
-            return super().schedule(*args, **kwargs)
+            return False
         policy.begin_step(self._step_state(policy))
-        self.waiting.gated = self.asyncbatch_config.memory_gate
-        try:
-            out = super().schedule(*args, **kwargs)
-        finally:
-            self.waiting.gated = False
-            policy.end_step()
-        for new in out.scheduled_new_reqs:
+        return True
+
+    def _end_policy_step(self, out: SchedulerOutput | None) -> None:
+        assert self.prefix_policy is not None
+        self.prefix_policy.end_step()
+        for new in out.scheduled_new_reqs if out is not None else ():
             # Tokens found in the prefix cache at admission: blocks shared with others.
             self._num_cached_tokens[new.req_id] = new.num_computed_tokens
-        return out
+
+    # vLLM with the waiting-queue hooks calls these through the queue from `schedule()`.
+    def _on_begin_step(self) -> None:
+        self._policy_step_open = self._begin_policy_step()
+        self.waiting.admission_gated = (self._policy_step_open
+                                        and self.asyncbatch_config.memory_gate)
+
+    def _on_end_step(self, out: SchedulerOutput) -> None:
+        if self._policy_step_open:
+            self._policy_step_open = self.waiting.admission_gated = False
+            self._end_policy_step(out)
+
+    if not HAS_WAITING_QUEUE_HOOKS:
+
+        def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+            if not self._begin_policy_step():
+                return super().schedule(*args, **kwargs)
+            self.waiting.gated = self.asyncbatch_config.memory_gate
+            out = None
+            try:
+                out = super().schedule(*args, **kwargs)
+            finally:
+                self.waiting.gated = False
+                self._end_policy_step(out)
+            return out
 
     def _step_state(self, policy: PrefixGroupingPolicy) -> StepState:
         running: list[tuple[int, int]] = []
@@ -114,18 +160,23 @@ class Scheduler(AsyncScheduler):
         cached = self.kv_cache_manager.block_pool.cached_block_hash_to_block
         return cached.get_one_block(key) is not None
 
-    def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+    def on_request_finished(self, request: Request) -> None:
         # Learn output lengths from requests that ended on their own.
         if self.prefix_policy is not None and request.status != RequestStatus.FINISHED_ABORTED:
             self.prefix_policy.on_finished(request.num_output_tokens, request.max_tokens)
         self._num_cached_tokens.pop(request.request_id, None)
-        return super()._free_request(request, delay_free_blocks)
 
-    def _free_request_blocks(self, request: Request) -> None:
+    if not HAS_FINISHED_HOOK:
+
+        def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+            self.on_request_finished(request)
+            return super()._free_request(request, delay_free_blocks)
+
+    def evict_cached_blocks_first(self, request: Request) -> bool:
         policy = self.prefix_policy
         k = self.asyncbatch_config.min_shared_blocks
         hashes = request.block_hashes
-        release = (
+        return (
             policy is not None
             and self.asyncbatch_config.release_done_prefixes
             and self.cache_config.enable_prefix_caching
@@ -133,16 +184,22 @@ class Scheduler(AsyncScheduler):
             and len(hashes) >= k
             and not policy.prefix_wanted(hashes[k - 1])
         )
-        blocks = self.kv_cache_manager.get_blocks(request.request_id).blocks[0] if release else ()
-        super()._free_request_blocks(request)
-        if not release:
-            return
-        # Blocks nobody holds and no waiting request needs: evict them before the
-        # prefixes that waiting requests still want (vLLM's LRU would evict those first).
-        unwanted = [b for b in blocks if b.ref_cnt == 0 and not b.is_null
-                    and b.block_hash is not None]
-        if unwanted:
-            queue = self.kv_cache_manager.block_pool.free_block_queue
-            for block in unwanted:
-                queue.remove(block)
-            queue.prepend_n(unwanted[::-1])
+
+    if not HAS_EVICT_FIRST_HOOK:
+
+        def _free_request_blocks(self, request: Request) -> None:
+            release = self.evict_cached_blocks_first(request)
+            blocks = (self.kv_cache_manager.get_blocks(request.request_id).blocks[0]
+                      if release else ())
+            super()._free_request_blocks(request)
+            if not release:
+                return
+            # Blocks nobody holds and no waiting request needs: evict them before the
+            # prefixes that waiting requests still want (vLLM's LRU would evict those first).
+            unwanted = [b for b in blocks if b.ref_cnt == 0 and not b.is_null
+                        and b.block_hash is not None]
+            if unwanted:
+                queue = self.kv_cache_manager.block_pool.free_block_queue
+                for block in unwanted:
+                    queue.remove(block)
+                queue.prepend_n(unwanted[::-1])
