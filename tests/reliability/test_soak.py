@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Soak: a long random request stream through the real vLLM 0.26 scheduler,
+stock AsyncScheduler and asyncbatch.Scheduler, invariants checked after every
+step (`asyncbatch.sim.soak`).  CI size by default; ASYNCBATCH_SOAK=full runs
+100,000 requests per scheduler and policy."""
+
+import pytest
+from reliability_support import SOAK_FIGURES, soak_mode
+
+from asyncbatch.sim.soak import ASYNCBATCH, STOCK, SoakConfig, SoakRun
+
+# Requests per run: (fcfs, priority).  About 1,100 requests/s per scheduler on
+# one core when the machine is quiet: CI mode takes about a minute.
+NUM_REQUESTS = {"ci": (25_000, 8_000), "full": (100_000, 100_000)}
+
+# Known defect in PrefixGroupingPolicy: units whose last member was admitted
+# stay in `_resident` (test_policy_bugs.py::test_no_dead_units_left_resident).
+KNOWN_LEFTOVERS = frozenset({"policy._resident"})
+
+RUNS = [
+    pytest.param(STOCK, "fcfs", id="stock-fcfs"),
+    pytest.param(ASYNCBATCH, "fcfs", id="asyncbatch-fcfs"),
+    pytest.param(STOCK, "priority", id="stock-priority"),
+    pytest.param(ASYNCBATCH, "priority", id="asyncbatch-priority"),
+]
+
+
+@pytest.mark.parametrize("scheduler_cls, scheduling_policy", RUNS)
+def test_soak(model_dir, scheduler_cls, scheduling_policy):
+    num_fcfs, num_priority = NUM_REQUESTS[soak_mode()]
+    config = SoakConfig(
+        num_requests=num_fcfs if scheduling_policy == "fcfs" else num_priority,
+        seed=7 if scheduling_policy == "fcfs" else 8,
+        scheduler_cls=scheduler_cls,
+        scheduling_policy=scheduling_policy,
+        allowed_leftovers=KNOWN_LEFTOVERS,
+    )
+    f = SoakRun(config, model_dir).run()
+    SOAK_FIGURES.append(f.line())
+    assert f.num_requests == config.num_requests
+    assert f.num_blocks_leaked == 0
+    # The stream reached every corner it is meant to.
+    assert f.num_preemptions > 0
+    assert f.num_finished_stop > 0 and f.num_finished_length_at_model_len > 0
+    for phase in ("waiting", "waiting_in_group", "prefill", "decode", "preempted"):
+        assert f.aborts_by_phase.get(phase, 0) > 0, phase
+    if scheduler_cls == ASYNCBATCH:
+        assert f.max_bypass_steps <= config.max_wait_steps + config.wait_slack
+        # The bound was exercised, not just never reached.
+        assert f.num_overdue_admissions > 0
+        assert f.max_bypass_steps >= config.max_wait_steps // 2
+    elif scheduling_policy == "fcfs":
+        assert f.max_bypass_steps == 0
+
+
+def test_soak_with_fcfs_setting_and_no_prefix_caching(model_dir):
+    """The pass-through policy, and the prefix policy without a prefix cache."""
+    for settings, caching in (({"policy": "fcfs"}, True), ({"max_wait_steps": 4}, False)):
+        config = SoakConfig(num_requests=2_000, seed=3, settings=settings,
+                            enable_prefix_caching=caching)
+        f = SoakRun(config, model_dir).run()
+        SOAK_FIGURES.append(f"{f.line()} [settings {settings}, prefix caching {caching}]")
+        assert f.num_blocks_leaked == 0 and f.leftovers == {}
