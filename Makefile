@@ -11,6 +11,9 @@ env:
 test:
 	$(PY) -m pytest -q
 
+replay:
+	$(PY) -m asyncbatch.bench.cli replay
+
 demo:
 	$(PY) -m asyncbatch.demo
 
