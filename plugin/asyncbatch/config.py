@@ -90,6 +90,15 @@ class AsyncBatchConfig(BaseModel):
             "on a random workload in the CPU replay; -0.3 matched vLLM's preemption count."
         ),
     )
+    forecast_horizon: int = Field(
+        default=1024,
+        ge=16,
+        description=(
+            "Tokens of future growth per request the memory forecast looks ahead; requests "
+            "with a larger max_tokens (an unset max_tokens is the context length) count "
+            "only this much, so they do not hold back admissions for their whole life."
+        ),
+    )
     release_done_prefixes: bool = Field(
         default=False,
         description=(

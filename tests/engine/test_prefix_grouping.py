@@ -99,3 +99,21 @@ def test_release_done_prefixes_evicts_them_first(make_scheduler):
     # The three shared prompt blocks, cached, are next in line for eviction.
     assert all(b.block_hash is not None for b in first)
     assert engine.stats.prefix_cache_hits >= 3 * 16
+
+
+def test_huge_max_tokens_do_not_throttle_admission(make_scheduler):
+    """An unset max_tokens is the context length: the forecast looks only
+    `forecast_horizon` tokens ahead, so such requests are admitted as stock
+    admits them while the KV cache has room for that horizon."""
+    from asyncbatch.sim.engine import make_request
+
+    runs = {}
+    for cls in (STOCK, ASYNCBATCH):
+        engine = SimEngine(make_scheduler(cls, num_blocks=4096, max_num_seqs=64,
+                                          max_model_len=32768))
+        for i in range(64):
+            engine.add_request(make_request(f"r{i}", [2 + i] * 64, max_tokens=30_000))
+        for _ in range(8):
+            engine.step()
+        runs[cls] = len(engine.scheduler.running)
+    assert runs[ASYNCBATCH] == runs[STOCK] == 64

@@ -82,6 +82,7 @@ class Scheduler(AsyncScheduler):
                 max_wait_steps=settings.max_wait_steps,
                 max_wait_s=settings.max_wait_s,
                 kv_headroom=settings.kv_headroom,
+                forecast_horizon=settings.forecast_horizon,
                 decode_first=settings.decode_first,
                 use_priority=self.policy.value == "priority",
                 grouping=settings.grouping and self.cache_config.enable_prefix_caching,

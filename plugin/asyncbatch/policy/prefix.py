@@ -179,6 +179,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         decode_first: bool = True,
         use_priority: bool = False,
         grouping: bool = True,
+        forecast_horizon: int = 1024,
         is_cached: Callable[[Hashable], bool] = lambda block_hash: False,
     ) -> None:
         if block_size < 1 or min_shared_blocks < 1 or max_wait_steps < 0:
@@ -193,6 +194,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self.grouping = grouping
         self.is_cached = is_cached
         self.headroom_blocks = int(kv_headroom * num_total_blocks)
+        self.forecast_horizon = forecast_horizon
         self.stats = PolicyStats()
 
         # request_id -> entry, for every waiting request
@@ -305,12 +307,14 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._forecast = None
 
     def on_finished(self, num_output_tokens: int, max_tokens: int) -> None:
-        """A request finished: learn the expected output length (as a share of
-        max_tokens; a slow moving average, biased up, since under-forecasting
-        costs a preemption and over-forecasting only delays an admission)."""
+        """A request finished: learn the expected output length as a share of
+        max_tokens.  A moving average that rises fast and falls slowly, since
+        under-forecasting costs a preemption and over-forecasting only delays
+        an admission."""
         if max_tokens > 0:
             ratio = min(1.0, num_output_tokens / max_tokens)
-            self.output_ratio = max(ratio, 0.98 * self.output_ratio + 0.02 * ratio)
+            rate = 0.2 if ratio > self.output_ratio else 0.02
+            self.output_ratio += rate * (ratio - self.output_ratio)
 
     # ----------------------------------------------------------------- queries
 
@@ -334,7 +338,12 @@ class PrefixGroupingPolicy(WaitingPolicy):
             return True
         forecast = self._forecast
         if forecast is None:
-            forecast = self._forecast = KVForecast(state.running, self.block_size)
+            # Demand is forecast over the next `forecast_horizon` tokens of growth
+            # only: a request asking for far more (an unset max_tokens is the
+            # context length) must not hold back admissions for its whole life.
+            h = self.forecast_horizon
+            running = [(min(left, h), held) for left, held in state.running]
+            forecast = self._forecast = KVForecast(running, self.block_size)
             self._capacity = state.num_free_blocks + forecast.capacity_used - self.headroom_blocks
         if forecast.peak_with(*self._candidate(entry)) <= self._capacity:
             return True
@@ -546,4 +555,5 @@ class PrefixGroupingPolicy(WaitingPolicy):
         unit = entry.unit
         if unit is not None and unit.root is not None and unit.warmed:
             blocks -= self.min_shared_blocks
-        return max(blocks, 0), self.expected_tokens(0, view.max_tokens)
+        return max(blocks, 0), min(self.expected_tokens(0, view.max_tokens),
+                                   self.forecast_horizon)
