@@ -5,7 +5,8 @@ One step is one ``schedule()`` and one ``update_from_output()`` (two batches in
 flight, as in vLLM's EngineCore), with 256 running requests and 5,000 waiting,
 half of them in prefix groups of 8.  Run:
 
-    $(scripts/venv.sh)/bin/python -m pytest benchmarks/micro -q --benchmark-group-by=param:max_num_seqs
+    $(scripts/venv.sh)/bin/python -m pytest benchmarks/micro -q \
+        --benchmark-group-by=param:max_num_seqs
 
 and compare the means of the two rows of each group.
 """
@@ -39,7 +40,8 @@ def loaded_engine(model_dir, cls, max_num_seqs, num_running=256, num_waiting=500
         engine.add_request(make_request(f"run{i}", prompt, max_tokens=20_000))
     while len(scheduler.running) < num_running or scheduler.waiting:
         engine.step()
-    prefixes = [[rng.randrange(2, 1000) for _ in range(4 * BLOCK)] for _ in range(num_waiting // 16)]
+    prefixes = [[rng.randrange(2, 1000) for _ in range(4 * BLOCK)]
+                for _ in range(num_waiting // 16)]
     for i in range(num_waiting):
         head = prefixes[i // 8 % len(prefixes)] if i % 2 == 0 else []
         tail = [rng.randrange(2, 1000) for _ in range(rng.randrange(16, 256))]

@@ -2,7 +2,6 @@
 """Regression tests for defects the reliability tests found in
 `PrefixGroupingPolicy`, as minimal reproductions."""
 
-import pytest
 
 from asyncbatch.policy import RequestView
 from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
