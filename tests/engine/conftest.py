@@ -10,14 +10,7 @@ if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
 
 from streams import ASYNCBATCH  # noqa: E402
 
-from asyncbatch.sim.engine import build_scheduler, use_cpu_platform  # noqa: E402
-from asyncbatch.sim.model_dir import write_model_dir  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    use_cpu_platform()
-    return write_model_dir(tmp_path_factory.mktemp("model"), "tiny")
+from asyncbatch.sim.engine import build_scheduler  # noqa: E402
 
 
 @pytest.fixture

@@ -12,19 +12,12 @@ if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
 here = os.path.dirname(__file__)
 sys.path[:0] = [here, os.path.join(here, "..", "engine")]
 
-from asyncbatch.sim.engine import build_scheduler, use_cpu_platform  # noqa: E402
-from asyncbatch.sim.model_dir import write_model_dir  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def hooks_model_dir(tmp_path_factory):
-    use_cpu_platform()
-    return write_model_dir(tmp_path_factory.mktemp("model"), "tiny")
+from asyncbatch.sim.engine import build_scheduler  # noqa: E402
 
 
 @pytest.fixture
-def make_asyncbatch(hooks_model_dir):
+def make_asyncbatch(model_dir):
     def make(**kwargs):
-        return build_scheduler(hooks_model_dir, "asyncbatch.Scheduler", **kwargs)
+        return build_scheduler(model_dir, "asyncbatch.Scheduler", **kwargs)
 
     return make

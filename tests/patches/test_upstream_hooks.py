@@ -149,11 +149,11 @@ def test_fcfs_queue_has_no_step_callbacks(make_asyncbatch):
     assert len(engine.finished) == 6
 
 
-def test_schedule_trace(hooks_model_dir):
+def test_schedule_trace(model_dir):
     """Written for patches/check.sh, which compares it across the two paths."""
     from sched_trace import schedule_trace
 
-    lines = schedule_trace(hooks_model_dir)
+    lines = schedule_trace(model_dir)
     assert any(line.startswith("seed 1:") for line in lines)
     out = os.environ.get("ASYNCBATCH_TRACE_OUT")
     if out:

@@ -525,27 +525,26 @@ class PrefixGroupingPolicy(WaitingPolicy):
             self.stats.num_resident_picks += 1
             del self._resident[best.uid]
             return best
+        unit = self._heap_top()
+        if unit is None:
+            raise AssertionError("waiting requests but no unit")
+        heapq.heappop(self._heap)
+        return unit
+
+    def _heap_top(self) -> _Unit | None:
+        """The unit at the top of the heap, after dropping stale entries."""
         heap = self._heap
         while heap:
             _, _, _, uid, version = heap[0]
             unit = self._by_uid.get(uid)
-            if unit is None or unit.version != version or not unit.members:
-                heapq.heappop(heap)
-                continue
+            if unit is not None and unit.version == version and unit.members:
+                return unit
             heapq.heappop(heap)
-            return unit
-        raise AssertionError("waiting requests but no unit")
+        return None
 
     def _top_priority(self) -> int:
-        heap = self._heap
-        while heap:
-            prio, _, _, uid, version = heap[0]
-            unit = self._by_uid.get(uid)
-            if unit is None or unit.version != version or not unit.members:
-                heapq.heappop(heap)
-                continue
-            return prio
-        return 1 << 62
+        unit = self._heap_top()
+        return unit.priority if unit is not None else 1 << 62
 
     def _candidate(self, entry: _Entry) -> tuple[int, int]:
         """(blocks its prompt takes, tokens it then grows by) for the forecast.
