@@ -230,7 +230,7 @@ def _step_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         steps.append({**info, "start": sp[0], "end": sp[1], "pid": e.get("pid"),
                       "tid": e.get("tid")})
-    steps.sort(key=lambda s: s["start"])
+    steps.sort(key=lambda s: float(s["start"] or 0.0))
     return steps
 
 
@@ -351,7 +351,7 @@ def analyze_trace(trace: dict[str, Any], *, steady_fraction: float = 0.6,
                  "gaps_dominated": dominant.get(k, 0),
                  "dominated_idle_us": dominant_us.get(k, 0.0)}
                 for k, v in total.items()]
-        rows.sort(key=lambda r: -r["idle_us"])
+        rows.sort(key=lambda r: -float(r["idle_us"]))  # type: ignore[arg-type]
         return rows[:top]
 
     step_dist: dict[str, Any] = {}
@@ -367,7 +367,7 @@ def analyze_trace(trace: dict[str, Any], *, steady_fraction: float = 0.6,
                              "max": max(s["gen_reqs"] for s in steps_used)},
         }
     nk = sorted(({"kernel": k, "gaps": len(v), "idle_us": sum(v)} for k, v in
-                 next_kernel.items()), key=lambda r: -r["idle_us"])[:top]
+                 next_kernel.items()), key=lambda r: -float(r["idle_us"]))[:top]
     return {
         "device": str(device),
         "window": {"source": window_source, "start_us": lo, "end_us": hi,

@@ -483,11 +483,10 @@ class PrefixGroupingPolicy(WaitingPolicy):
             if self._is_overdue(entry, self._state):
                 self._overdue_pick = rid
                 return rid
-        unit = self._open
-        if unit is not None:
-            rid = self._next_member(unit)
-            if rid is not None:
-                return rid
+        if self._open is not None:
+            member = self._next_member(self._open)
+            if member is not None:
+                return member
         unit = self._pick_unit()
         self._open = unit
         self.stats.num_units_opened += 1
@@ -497,9 +496,9 @@ class PrefixGroupingPolicy(WaitingPolicy):
             k = self.min_shared_blocks
             members.sort(key=lambda r: tuple(self._entries[r].view.block_hashes[k:]))
         unit.order = deque(members)
-        rid = self._next_member(unit)
-        assert rid is not None
-        return rid
+        first = self._next_member(unit)
+        assert first is not None
+        return first
 
     def _next_member(self, unit: _Unit) -> str | None:
         order = unit.order
@@ -525,11 +524,11 @@ class PrefixGroupingPolicy(WaitingPolicy):
             self.stats.num_resident_picks += 1
             del self._resident[best.uid]
             return best
-        unit = self._heap_top()
-        if unit is None:
+        top = self._heap_top()
+        if top is None:
             raise AssertionError("waiting requests but no unit")
         heapq.heappop(self._heap)
-        return unit
+        return top
 
     def _heap_top(self) -> _Unit | None:
         """The unit at the top of the heap, after dropping stale entries."""

@@ -91,7 +91,7 @@ def build_scheduler(
         is_encoder_decoder=False,
         enable_chunked_prefill=True,
         long_prefill_token_threshold=long_prefill_token_threshold,
-        policy=scheduling_policy,
+        policy=scheduling_policy,  # type: ignore[arg-type]
         async_scheduling=async_scheduling,
         scheduler_cls=scheduler_cls,
     )
@@ -122,7 +122,7 @@ def build_scheduler(
             )
         ],
     )
-    cls = vllm_config.scheduler_config.get_scheduler_cls()
+    cls: Any = vllm_config.scheduler_config.get_scheduler_cls()
     return cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,

@@ -292,7 +292,8 @@ class SoakRun:
 
     def __init__(self, config: SoakConfig, model_dir: str | Path) -> None:
         self.config = c = config
-        extra = {} if c.is_stock else {"additional_config": {"asyncbatch": dict(c.settings)}}
+        extra: dict[str, Any] = (
+            {} if c.is_stock else {"additional_config": {"asyncbatch": dict(c.settings)}})
         self.scheduler = build_scheduler(
             model_dir, c.scheduler_cls, num_blocks=c.num_blocks, block_size=c.block_size,
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
