@@ -48,19 +48,28 @@ def run_worker(spec: dict[str, Any], work_dir: Path, name: str, *, timeout_s: fl
     spec_path.write_text(json.dumps(spec, indent=1))
     out_path.unlink(missing_ok=True)
     cmd = [*WORKER, str(spec_path), str(out_path)]
-    proc = procs.start(cmd, log_path, env={**os.environ, **(env or {})})
+    return run_to_json(cmd, log_path, out_path, timeout_s, name, env={**os.environ, **(env or {})})
+
+
+def run_to_json(cmd: list[str], log_path: Path, result_path: Path, timeout_s: float, what: str,
+                *, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in its own process group until it exits, kill the group
+    whatever happens, and return the JSON it wrote to ``result_path``.  Raises
+    `BenchError` with the tail of ``log_path`` if it times out, fails or
+    writes nothing."""
+    proc = procs.start(cmd, log_path, env=env)
     try:
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise BenchError(f"{name}: no result after {timeout_s:.0f} s; log {log_path}:\n"
+            raise BenchError(f"{what}: no result after {timeout_s:.0f} s; log {log_path}:\n"
                              f"{procs.tail(log_path)}") from None
     finally:
         procs.kill_group(proc)
-    if rc != 0 or not out_path.is_file():
-        raise BenchError(f"{name}: engine process exited with code {rc}; log {log_path}:\n"
+    if rc != 0 or not result_path.is_file():
+        raise BenchError(f"{what}: exited with code {rc}; log {log_path}:\n"
                          f"{procs.tail(log_path)}")
-    return json.loads(out_path.read_text())
+    return json.loads(result_path.read_text())
 
 
 def run_offline(model: ModelSpec, workloads: list[tuple[str, Workload]], variants: list[str],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import socket
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 from asyncbatch.bench import procs
 from asyncbatch.bench.models import ModelSpec
-from asyncbatch.bench.offline import BenchError, _bar
+from asyncbatch.bench.offline import BenchError, _bar, run_to_json
 from asyncbatch.bench.stats import abba_order
 from asyncbatch.bench.variants import EngineProfile, check_variants
 from asyncbatch.bench.workloads import (
@@ -129,19 +128,7 @@ def bench_cmd(model: ModelSpec, port: int, ds_args: list[str], *, request_rate: 
 
 
 def run_bench(cmd: list[str], log_path: Path, result_path: Path, timeout_s: float) -> dict:
-    proc = procs.start(cmd, log_path)
-    try:
-        rc = proc.wait(timeout=timeout_s)
-    except Exception:
-        procs.kill_group(proc)
-        raise BenchError(f"vllm bench serve did not finish in {timeout_s:.0f} s; log "
-                         f"{log_path}:\n{procs.tail(log_path)}") from None
-    finally:
-        procs.kill_group(proc)
-    if rc != 0 or not result_path.is_file():
-        raise BenchError(f"vllm bench serve exited with code {rc}; log {log_path}:\n"
-                         f"{procs.tail(log_path)}")
-    return json.loads(result_path.read_text())
+    return run_to_json(cmd, log_path, result_path, timeout_s, "vllm bench serve")
 
 
 def scrape_counters(port: int) -> dict[str, float]:
