@@ -34,7 +34,6 @@ def schedule_trace(model_dir) -> list[str]:
         engine.on_step = show
         feed(engine, stream)
         policy = engine.scheduler.prefix_policy
-        # Not num_gate_closures: the fallback's falsy queue is asked once more per closure.
-        counts = {k: v for k, v in asdict(policy.stats).items() if k != "num_gate_closures"}
+        counts = asdict(policy.stats)
         lines.append(f"seed {seed}: {engine.stats} {counts} {policy.output_ratio}")
     return lines

@@ -229,3 +229,13 @@ def test_every_request_is_admitted_once_and_the_bound_holds(reqs, max_wait, free
         step += 1
         assert step < 10_000
     assert left == set(arrival)
+
+
+def test_gate_closure_counted_once_per_step():
+    p = policy(decode_first=False)
+    for i in range(3):
+        p.add(view(f"r{i}", suffix_blocks=10, max_tokens=40))
+    p.begin_step(StepState(num_free_blocks=5, running=[(10, 1)], now=0.0))
+    assert not p.admissible() and not p.admissible()
+    p.end_step()
+    assert p.stats.num_gate_closures == 1

@@ -228,6 +228,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._forecast: KVForecast | None = None
         self._capacity = 0.0
         self._num_admitted = 0
+        self._gate_closed = False
         # expected output length / max_tokens, learned from finished requests
         self.output_ratio = 1.0
         # the answer of `peek`, until the next change
@@ -300,6 +301,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._state = state
         self._forecast = None
         self._num_admitted = 0
+        self._gate_closed = False
         self._next = None
 
     def end_step(self) -> None:
@@ -347,7 +349,10 @@ class PrefixGroupingPolicy(WaitingPolicy):
             self._capacity = state.num_free_blocks + forecast.capacity_used - self.headroom_blocks
         if forecast.peak_with(*self._candidate(entry)) <= self._capacity:
             return True
-        self.stats.num_gate_closures += 1
+        # vLLM may ask again after its loop ends: count a closure once per step.
+        if not self._gate_closed:
+            self._gate_closed = True
+            self.stats.num_gate_closures += 1
         return False
 
     def expected_tokens(self, num_prompt_tokens: int, max_tokens: int) -> int:
