@@ -495,15 +495,29 @@ class PrefixGroupingPolicy(WaitingPolicy):
         unit = self._pick_unit()
         self._open = unit
         self.stats.num_units_opened += 1
-        # Siblings with the longest common prefix next to each other.
-        members = list(unit.members)
-        if len(members) > 1 and unit.root is not None:
-            k = self.min_shared_blocks
-            members.sort(key=lambda r: tuple(self._entries[r].view.block_hashes[k:]))
-        unit.order = deque(members)
+        unit.order = deque(self._siblings_in_order(unit))
         first = self._next_member(unit)
         assert first is not None
         return first
+
+    def _siblings_in_order(self, unit: _Unit) -> list[str]:
+        """Members with the longest common prefix next to each other, and otherwise
+        in arrival order.  Each deeper block hash is ranked by the first member
+        (in arrival order) that has it, so the order does not depend on hash
+        values, which vLLM seeds at random."""
+        members = list(unit.members)  # arrival order
+        if len(members) < 2 or unit.root is None:
+            return members
+        k = self.min_shared_blocks
+        hashes = {rid: self._entries[rid].view.block_hashes[k:] for rid in members}
+        # block hash -> index of the first member with it (hashes are chained, so a
+        # hash is unique to its depth and to everything before it)
+        first: dict[Hashable, int] = {}
+        for i, rid in enumerate(members):
+            for h in hashes[rid]:
+                first.setdefault(h, i)
+        members.sort(key=lambda rid: tuple(first[h] for h in hashes[rid]))
+        return members
 
     def _next_member(self, unit: _Unit) -> str | None:
         order = unit.order
