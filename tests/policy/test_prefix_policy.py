@@ -239,3 +239,25 @@ def test_gate_closure_counted_once_per_step():
     assert not p.admissible() and not p.admissible()
     p.end_step()
     assert p.stats.num_gate_closures == 1
+
+
+def test_admitting_in_arrival_order_is_no_deviation():
+    """The wait-bound clock only runs when a later arrival is admitted first."""
+    p = policy(decode_first=False)
+    for i in range(6):
+        p.add(view(f"r{i}", prefix=(f"g{i}",)))
+    for _ in range(4):
+        p.begin_step(StepState(num_free_blocks=1000, running=[], now=0.0))
+        p.pop()
+        p.end_step()
+    p.begin_step(StepState(num_free_blocks=1000, running=[], now=0.0))
+    assert p.stats.num_deviation_steps == 0
+    # A later arrival overtaking r4 (its group is resident) is one.
+    q = policy(decode_first=False, is_cached=lambda h: h == "b")
+    q.add(view("a0", prefix=("a",)))
+    q.add(view("b0", prefix=("b",)))
+    q.begin_step(StepState(num_free_blocks=1000, running=[], now=0.0))
+    assert q.pop() == "b0"
+    q.end_step()
+    q.begin_step(StepState(num_free_blocks=1000, running=[], now=0.0))
+    assert q.stats.num_deviation_steps == 1

@@ -278,8 +278,11 @@ class PrefixGroupingPolicy(WaitingPolicy):
         rid = self.peek()
         if rid == self._overdue_pick:
             self.stats.num_overdue_admissions += 1
+        # Out of arrival order: the oldest waiting request (read before this one
+        # leaves) is another one.  Preempted requests go first in vLLM too.
+        oldest = self._fifo_oldest_seq()
         entry = self._entries.pop(rid)
-        if self._fifo_oldest_seq() not in (None, entry.seq) and entry.unit is not None:
+        if entry.unit is not None and oldest is not None and oldest != entry.seq:
             self._deviated_this_step = True
         self._forget(entry)
         if entry.unit is not None:
