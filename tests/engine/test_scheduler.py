@@ -8,7 +8,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
 from asyncbatch.config import InvalidSettings
 from asyncbatch.glue.scheduler import AsyncSchedulingRequired
-from asyncbatch.sim.engine import SimEngine, make_request
+from asyncbatch.sim.engine import SimEngine, default_token, make_request
 
 FCFS = {"asyncbatch": {"policy": "fcfs"}}
 
@@ -83,19 +83,13 @@ def test_kv_pressure_preemption_aborts_and_stops(make_scheduler, seed):
         if f.finish_reason == "stop":
             assert f.output_token_ids[-1] == 1
         # Same tokens as the model would give, whatever was preempted or aborted.
-        expected = [engine_token(rid, i) for i in range(len(f.output_token_ids))]
+        expected = [default_token(rid, i) for i in range(len(f.output_token_ids))]
         if f.finish_reason == "stop":
             expected[-1] = 1
         assert f.output_token_ids == expected
     # Requests neither aborted nor stopped end the same way under both schedulers.
     for rid in set(ours.finished) - set(stream.aborts):
         assert ours.finished[rid].output_token_ids == stock.finished[rid].output_token_ids
-
-
-def engine_token(rid, i):
-    from asyncbatch.sim.engine import default_token
-
-    return default_token(rid, i)
 
 
 def test_priority_policy_keeps_priority_semantics(make_scheduler):
