@@ -9,7 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-THROUGHPUT = {"sync": 70.0, "async": 100.0, "asyncbatch": 101.0}
+THROUGHPUT = {"sync": 70.0, "async": 100.0, "asyncbatch": 101.0, "worker": 110.0,
+              "full": 111.0}
 
 
 def flag(argv, name, default=None):
@@ -67,8 +68,11 @@ def worker(argv):
     if args.get("fail"):
         print("RuntimeError: CUDA out of memory (fake)", flush=True)
         sys.exit(1)
-    variant = ("asyncbatch" if args.get("scheduler_cls") == "asyncbatch.Scheduler"
-               else "sync" if args.get("async_scheduling") is False else "async")
+    plugins = (args.get("scheduler_cls"), args.get("worker_cls"))
+    variant = {("asyncbatch.Scheduler", None): "asyncbatch",
+               (None, "asyncbatch.Worker"): "worker",
+               ("asyncbatch.Scheduler", "asyncbatch.Worker"): "full"}.get(plugins)
+    variant = variant or ("sync" if args.get("async_scheduling") is False else "async")
     jitter = (os.getpid() % 5) / 5
     results = []
     for w in spec["workloads"]:

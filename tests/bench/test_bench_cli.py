@@ -27,6 +27,11 @@ def test_unknown_variant(capsys):
     assert rc == 2 and "turbo" in err and "asyncbatch" in err
 
 
+def test_replay_refuses_worker_variants(capsys):
+    rc, _, err = run(capsys, "replay", "--variants", "async,worker")
+    assert rc == 2 and "cannot run worker" in err and "the worker's host time" in err
+
+
 def test_missing_model_folder_says_how_to_make_a_dummy(capsys, tmp_path):
     rc, _, err = run(capsys, "offline", "--model", str(tmp_path / "missing"))
     assert rc == 2 and "does not exist" in err and "--model dummy:llama-8b" in err

@@ -120,3 +120,38 @@ def test_engine_args_fit_max_model_len_to_a_small_kv_cache():
     assert EngineProfile(num_kv_blocks=256).engine_args("sync")["max_model_len"] == 4096
     assert EngineProfile().engine_args("async")["max_model_len"] == 8192
     assert "num_gpu_blocks_override" not in EngineProfile().engine_args("async")
+
+
+def test_worker_and_full_variants_load_the_worker_plugin(tmp_path):
+    profile = EngineProfile(asyncbatch_config={"policy": "fcfs"})
+    worker = profile.engine_args("worker")
+    assert worker["worker_cls"] == "asyncbatch.Worker" and "scheduler_cls" not in worker
+    assert "async_scheduling" not in worker  # stock async scheduling, as the baseline
+    full = profile.engine_args("full")
+    assert full["worker_cls"] == "asyncbatch.Worker"
+    assert full["scheduler_cls"] == "asyncbatch.Scheduler"
+    assert full["additional_config"] == {"asyncbatch": {"policy": "fcfs"}}
+    for stock in ("sync", "async"):
+        assert "worker_cls" not in profile.engine_args(stock)
+    assert "worker_cls" not in profile.engine_args("asyncbatch")
+
+    model = resolve_model("dummy:llama-1b", cache_dir=tmp_path, create=False)
+    cmd = serve_cmd(model, profile, "worker", 8123)
+    assert cmd[cmd.index("--worker-cls") + 1] == "asyncbatch.Worker"
+    assert "--scheduler-cls" not in cmd and "--no-async-scheduling" not in cmd
+    cmd = serve_cmd(model, profile, "full", 8123)
+    assert cmd[cmd.index("--worker-cls") + 1] == "asyncbatch.Worker"
+    assert cmd[cmd.index("--scheduler-cls") + 1] == "asyncbatch.Scheduler"
+    assert "--worker-cls" not in serve_cmd(model, profile, "asyncbatch", 8123)
+
+
+def test_worker_variants_are_known_but_not_defaults(capsys):
+    from asyncbatch.bench.cli import build_parser
+    from asyncbatch.bench.variants import VariantError, check_variants
+
+    assert check_variants(["async", "worker", "full"]) == ["async", "worker", "full"]
+    with pytest.raises(VariantError, match="worker, full"):
+        check_variants(["turbo"])
+    for cmd in ("offline", "online", "replay"):
+        args = build_parser().parse_args([cmd])
+        assert "worker" not in args.variants and "full" not in args.variants

@@ -49,7 +49,8 @@ def _common(p: argparse.ArgumentParser, *, variants: str, kv_blocks: int | None)
                             f"; the default {kv_blocks} keeps the prefix-shared working set "
                             "from fitting, as in the replay" if kv_blocks else " (default)"))
     p.add_argument("--asyncbatch-config", type=_json_object, default={}, metavar="JSON",
-                   help='plugin settings for the asyncbatch variant, e.g. \'{"policy": "fcfs"}\'')
+                   help="plugin settings for the variants that load asyncbatch (asyncbatch, "
+                        "worker, full), e.g. '{\"policy\": \"fcfs\"}'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -260,7 +261,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from asyncbatch.bench.stats import abba_order
 
     workloads = _workloads(args, REPLAY_WORKLOADS)
-    variants = _variants(args)
+    variants = _replayable(_variants(args))
     cal = args.calibration
     if cal and not Path(cal).is_file() and calibration_path(cal).is_file():
         cal = str(calibration_path(cal))
@@ -306,6 +307,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
              f"{config.num_blocks} KV blocks")
     _finish(args, "replay", label, result, title, simulated=True)
     return 0
+
+
+def _replayable(variants: list[str]) -> list[str]:
+    """The replay simulates schedulers with a fixed host time per step, so a
+    variant that changes only the worker would replay exactly as stock async."""
+    from asyncbatch.bench.replay import VARIANTS
+
+    other = [v for v in variants if v not in VARIANTS]
+    if other:
+        raise CliError(f"the replay cannot run {', '.join(other)}: it models the scheduler "
+                       "only, not the worker's host time; replayable variants: "
+                       f"{', '.join(VARIANTS)}")
+    return variants
 
 
 def _relative(path: str) -> str:

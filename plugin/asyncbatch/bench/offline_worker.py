@@ -49,6 +49,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     effective = {
         "async_scheduling": vc.scheduler_config.async_scheduling,
         "scheduler_cls": str(vc.scheduler_config.scheduler_cls),
+        "worker_cls": str(vc.parallel_config.worker_cls),
         "distributed_executor_backend": str(vc.parallel_config.distributed_executor_backend),
         "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
         "block_size": vc.cache_config.block_size,

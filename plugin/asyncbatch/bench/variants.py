@@ -1,5 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The compared variants and the engine arguments they share."""
+"""The compared variants and the engine arguments they share.
+
+``sync`` and ``async`` are stock vLLM (one or two batches in flight; ``async`` is
+the baseline of every ratio), ``asyncbatch`` swaps in the scheduler.  ``worker``
+swaps in only the worker (``asyncbatch.Worker``, which prepares step N+1's inputs
+while step N runs) and ``full`` both, so each side's share of a difference can be
+told apart.  The last two are not defaults: they need the worker module.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-VARIANT_NAMES = ("sync", "async", "asyncbatch")
+VARIANT_NAMES = ("sync", "async", "asyncbatch", "worker", "full")
 BASELINE = "async"
 ASYNCBATCH_SCHEDULER = "asyncbatch.Scheduler"
+ASYNCBATCH_WORKER = "asyncbatch.Worker"
+# variant -> (scheduler class, worker class); None keeps vLLM's own
+PLUGINS: dict[str, tuple[str | None, str | None]] = {
+    "asyncbatch": (ASYNCBATCH_SCHEDULER, None),
+    "worker": (None, ASYNCBATCH_WORKER),
+    "full": (ASYNCBATCH_SCHEDULER, ASYNCBATCH_WORKER),
+}
 
 
 class VariantError(ValueError):
@@ -55,10 +69,13 @@ class EngineProfile:
         args = self.common_engine_args()
         if variant == "sync":
             args["async_scheduling"] = False
-        elif variant == "asyncbatch":
-            args["scheduler_cls"] = ASYNCBATCH_SCHEDULER
-            if self.asyncbatch_config:
-                args["additional_config"] = {"asyncbatch": self.asyncbatch_config}
+        scheduler_cls, worker_cls = PLUGINS.get(variant, (None, None))
+        if scheduler_cls:
+            args["scheduler_cls"] = scheduler_cls
+        if worker_cls:
+            args["worker_cls"] = worker_cls
+        if (scheduler_cls or worker_cls) and self.asyncbatch_config:
+            args["additional_config"] = {"asyncbatch": self.asyncbatch_config}
         return args
 
     def serve_args(self, variant: str) -> list[str]:
