@@ -87,3 +87,39 @@ def test_compare_rankings(tmp_path):
     assert agree and "within noise" in table and "DIFFERS" not in table
     table, agree = compare(paths["sim"], paths["diff"])
     assert not agree and "DIFFERS" in table
+
+
+def _write(tmp_path, name, values):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"runs": _runs(values)}))
+    return path
+
+
+def test_compare_judges_the_replay_at_the_gpu_resolution(tmp_path):
+    """A deterministic replay at 1.0004 reads "better"; the GPU run at 1.032 with a
+    6% spread reads "within noise".  Neither can rank asyncbatch, so they agree
+    (compared verdict by verdict they did not)."""
+    from asyncbatch.bench.compare import compare
+
+    gpu = _write(tmp_path, "gpu", {"async": [100.0, 104.0], "asyncbatch": [102.0, 108.5]})
+    tiny = _write(tmp_path, "tiny", {"async": [100.0], "asyncbatch": [100.04]})
+    table, agree = compare(tiny, gpu)
+    row = next(line for line in table.splitlines() if "| asyncbatch |" in line)
+    assert "1.000 better" in row and "1.032 within noise" in row
+    assert "within noise (noise ±6.4%)" in row
+    assert agree and "DIFFERS" not in table
+
+    # a replay difference the GPU run would have resolved, but did not see
+    large = _write(tmp_path, "large", {"async": [100.0], "asyncbatch": [110.0]})
+    table, agree = compare(large, gpu)
+    assert not agree and "better (noise ±6.4%)" in table and "DIFFERS" in table
+
+    # the GPU run resolves a gain that the replay does not compute
+    resolved = _write(tmp_path, "resolved", {"async": [100.0, 100.4],
+                                             "asyncbatch": [104.0, 104.2]})
+    table, agree = compare(tiny, resolved)
+    assert not agree and "1.039 better" in table
+    same = _write(tmp_path, "same", {"async": [100.0], "asyncbatch": [100.0]})
+    assert not compare(same, resolved)[1]
+    assert compare(_write(tmp_path, "gain", {"async": [100.0], "asyncbatch": [105.0]}),
+                   resolved)[1]
