@@ -143,3 +143,22 @@ def test_labels_are_distinct_for_distinct_parameters():
     assert "/" not in workload_label("sharegpt:path=/data/sg.json")
     long = workload_label("random:" + ",".join(f"input_len={i}" for i in range(20)))
     assert len(long) < 30 and long.startswith("random-")
+
+
+def test_online_runs_are_sized_by_rate_and_duration():
+    from asyncbatch.bench.online import for_rate
+    from asyncbatch.bench.workloads import resized
+
+    kv = parse_workload("replay-kv")  # 16 groups x 8
+    assert for_rate(kv, 8.0, 15.0).num_requests == 120
+    assert for_rate(kv, 32.0, 15.0).num_groups == 60
+    assert for_rate(kv, 5.0, 1.0).num_groups == 1  # whole groups: at least one
+    sized = for_rate(kv, 32.0, 15.0)
+    assert (sized.group_size, sized.prefix_len, sized.order) == (8, 512, "shuffled")
+    assert for_rate(kv, float("inf"), 15.0) == kv  # all at once: as given
+    assert for_rate(kv, 8.0, None) == kv
+    rnd = for_rate(parse_workload("random:input_len=64"), 2.5, 3.0)
+    assert rnd.num_requests == 8 and rnd.input_len == 64
+    assert len(rnd.requests()) == 8
+    with pytest.raises(WorkloadError):
+        resized(kv, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import socket
 import sys
@@ -30,6 +31,7 @@ from asyncbatch.bench.workloads import (
     PrefixSharedWorkload,
     RandomWorkload,
     Workload,
+    resized,
     vllm_dataset_args,
     workload_spec,
     write_custom_jsonl,
@@ -127,6 +129,32 @@ def bench_cmd(model: ModelSpec, port: int, ds_args: list[str], *, request_rate: 
     return cmd
 
 
+def check_online_workloads(workloads: list[tuple[str, Workload]], dataset_source: str) -> None:
+    """Refuse what `run_online` could not run, before anything starts (``ab``
+    checks this before its offline part, not after it)."""
+    if dataset_source not in ("vllm", "custom"):
+        raise BenchError(f"unknown --online-dataset {dataset_source!r}; choose vllm or custom")
+    for label, w in workloads:
+        if not isinstance(w, RandomWorkload | PrefixSharedWorkload) and dataset_source == "vllm":
+            raise BenchError(f"workload {label!r}: online runs take random and prefix-shared "
+                             "workloads (or --online-dataset custom)")
+
+
+def for_rate(workload: Workload, rate: float, duration_s: float | None) -> Workload:
+    """The workload sized to about ``rate * duration_s`` requests, so that every
+    rate runs about as long: 128 requests last 16 s at 8 req/s but 4 s at 32,
+    too short to tell a few percent from noise.  Unchanged without a duration
+    or at an infinite rate (all requests at once)."""
+    if not duration_s or math.isinf(rate):
+        return workload
+    return resized(workload, max(1, math.ceil(rate * duration_s)))
+
+
+def run_key(label: str, rate: float) -> str:
+    """The ``workload`` of a run record: one table section per workload and rate."""
+    return f"{label}@{rate:g}rps"
+
+
 def run_bench(cmd: list[str], log_path: Path, result_path: Path, timeout_s: float) -> dict:
     return run_to_json(cmd, log_path, result_path, timeout_s, "vllm bench serve")
 
@@ -160,24 +188,28 @@ def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants
                profile: EngineProfile, *, request_rates: list[float],
                max_concurrency: int | None, repeats: int, work_dir: Path, result_dir: Path,
                port: int | None = None, dataset_source: str = "vllm",
+               duration_s: float | None = None, raw_dir: Path | None = None,
                server_cmd: Any = None, health_timeout_s: float = 600,
                bench_timeout_s: float = 900, progress: bool = True) -> dict[str, Any]:
     """One server per (variant, repeat), in ABBA order; each serves every
-    workload at every request rate.  Returns ``{"runs": [...], "config": {...}}``.
+    workload at every request rate (sized to about ``duration_s`` seconds per
+    rate, `for_rate`).  Returns ``{"runs": [...], "config": {...}}``.
 
-    ``server_cmd(variant, port) -> argv`` replaces ``vllm serve`` (tests).
+    ``vllm bench serve``'s own JSON files go to ``raw_dir`` (default
+    ``result_dir/vllm-bench``).  ``server_cmd(variant, port) -> argv`` replaces
+    ``vllm serve`` (tests).
     """
     check_variants(variants)
-    for label, w in workloads:
-        if not isinstance(w, RandomWorkload | PrefixSharedWorkload) and dataset_source == "vllm":
-            raise BenchError(f"workload {label!r}: online runs take random and prefix-shared "
-                             "workloads (or --online-dataset custom)")
+    check_online_workloads(workloads, dataset_source)
     if port is not None:
         check_port_free(port)
     work_dir.mkdir(parents=True, exist_ok=True)
-    raw_dir = result_dir / "vllm-bench"
+    raw_dir = raw_dir or result_dir / "vllm-bench"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    ds = {label: dataset_args(w, dataset_source, work_dir, label) for label, w in workloads}
+    sized = {run_key(label, rate): for_rate(w, rate, duration_s)
+             for label, w in workloads for rate in request_rates}
+    ds = {key: dataset_args(w, dataset_source, work_dir, key.replace("@", "-"))
+          for key, w in sized.items()}
     order = abba_order(variants, repeats)
     runs: list[dict[str, Any]] = []
     bar = _bar(len(order) * len(workloads) * len(request_rates), "online runs", progress)
@@ -197,7 +229,7 @@ def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants
                         before = scrape_counters(p)
                         name = f"{label}-rate{rate:g}-{variant}-{k}"
                         result_path = raw_dir / f"{name}.json"
-                        cmd_b = bench_cmd(model, p, ds[label], request_rate=rate,
+                        cmd_b = bench_cmd(model, p, ds[run_key(label, rate)], request_rate=rate,
                                           max_concurrency=max_concurrency,
                                           result_dir=raw_dir, result_filename=result_path.name,
                                           label=f"{variant}-{label}")
@@ -212,9 +244,11 @@ def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants
     return {"runs": runs, "config": {
         "variants": variants, "repeats": repeats, "order": order,
         "request_rates": request_rates, "max_concurrency": max_concurrency,
-        "dataset_source": dataset_source, "engine_profile": asdict(profile),
+        "dataset_source": dataset_source, "duration_s": duration_s,
+        "engine_profile": asdict(profile),
         "serve_args": {v: profile.serve_args(v) for v in variants},
         "workloads": {label: workload_spec(w) for label, w in workloads},
+        "requests_per_run": {key: w.num_requests for key, w in sized.items()},
         "bench_dataset_args": ds}}
 
 
@@ -227,7 +261,7 @@ def _run_record(res: dict[str, Any], variant: str, k: int, i: int, label: str, r
     queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
     duration = float(res.get("duration") or 0.0)
     return {**keep, "variant": variant, "repeat": k, "order": i,
-            "workload": f"{label}@{rate:g}rps", "request_rate": rate,
+            "workload": run_key(label, rate), "request_rate": rate,
             "elapsed_time": duration,
             "num_preemptions": after["num_preemptions"] - before["num_preemptions"],
             "prefix_cache_hits": hits, "prefix_cache_queries": queries,

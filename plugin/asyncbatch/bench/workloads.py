@@ -240,6 +240,18 @@ def workload_label(text: str) -> str:
     return f"{name}-{digest}"
 
 
+def resized(workload: Workload, num_requests: int) -> Workload:
+    """The same workload with about ``num_requests`` requests (at least one group):
+    prefix-shared takes whole groups of its ``group_size``, so its sharing
+    pattern stays what it was; the others take the count."""
+    if num_requests < 1:
+        raise WorkloadError(f"num_requests must be a positive integer, got {num_requests}")
+    if isinstance(workload, PrefixSharedWorkload):
+        groups = -(-num_requests // workload.group_size)
+        return dataclasses.replace(workload, num_groups=groups)
+    return dataclasses.replace(workload, num_requests=num_requests)
+
+
 def to_text(token_ids: list[int]) -> str:
     """The prompt as text for the dummy tokenizer (``t<id>`` words)."""
     return " ".join(f"t{t}" for t in token_ids)
@@ -322,5 +334,5 @@ def _convert(name: str, key: str, value: str, typ: Any) -> Any:
 
 __all__ = [
     "BenchRequest", "PrefixSharedWorkload", "RandomWorkload", "ShareGPTWorkload", "Workload",
-    "WorkloadError", "describe_workloads", "parse_workload",
+    "WorkloadError", "describe_workloads", "parse_workload", "resized",
 ]
