@@ -91,6 +91,7 @@ def run_offline(model: ModelSpec, workloads: list[tuple[str, Workload]], variant
                     "num_warmup": num_warmup}
             t0 = time.monotonic()
             out = run_worker(spec, work_dir, f"run{i:02d}-{variant}-{k}", timeout_s=timeout_s)
+            exit_s = time.time() - out["finished_at"] if "finished_at" in out else None
             gpu = gpu or out.get("gpu")
             effective = out["effective_config"]["async_scheduling"]
             if bool(effective) != (variant != "sync"):
@@ -100,7 +101,7 @@ def run_offline(model: ModelSpec, workloads: list[tuple[str, Workload]], variant
             for r in out["results"]:
                 runs.append({"variant": variant, "repeat": k, "order": i, **r,
                              "startup_s": out["startup_s"],
-                             "process_s": time.monotonic() - t0,
+                             "process_s": time.monotonic() - t0, "exit_s": exit_s,
                              "effective_config": out["effective_config"]})
             bar.update(1)
     finally:

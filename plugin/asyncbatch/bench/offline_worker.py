@@ -107,8 +107,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             "prefix_cache_queries": queries,
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         })
+    # wall clock, so the parent can tell the process's exit time from its start
     return {"startup_s": startup_s, "gpu": gpu, "effective_config": effective,
-            "results": results}
+            "results": results, "finished_at": time.time()}
 
 
 def main(argv: list[str] | None = None) -> int:
