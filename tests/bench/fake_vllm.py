@@ -1,11 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """Stands in for ``python -m vllm.entrypoints.cli.main`` (``serve`` and ``bench serve``)
-and for ``python -m asyncbatch.bench.offline_worker`` in the CPU tests."""
+and for ``python -m asyncbatch.bench.offline_worker`` in the CPU tests.
+
+With ``FAKE_VLLM_PIDS=FILE`` every process starts a sleeping child, as vLLM
+starts engine and worker processes, and appends ``ROLE PID CHILD_PID`` to FILE,
+so a test can check that none is left.  ``FAKE_VLLM_FAIL=ROLE:VARIANT`` (role
+``worker`` or ``bench``) makes that process fail.
+"""
 
 import http.server
 import json
 import os
+import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +25,22 @@ def flag(argv, name, default=None):
     return argv[argv.index(name) + 1] if name in argv else default
 
 
+def record(role):
+    path = os.environ.get("FAKE_VLLM_PIDS")
+    if path:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(path, "a") as f:
+            f.write(f"{role} {os.getpid()} {child.pid}\n")
+
+
+def fail_if_asked(role, variant):
+    if os.environ.get("FAKE_VLLM_FAIL") == f"{role}:{variant}":
+        print(f"RuntimeError: {role} {variant} failed (fake)", flush=True)
+        sys.exit(1)
+
+
 def serve(argv):
+    record("serve")
     port = int(flag(argv, "--port"))
     counters = {"hits": 0.0}
 
@@ -50,6 +73,8 @@ def bench(argv):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
         assert r.status == 200
     variant = flag(argv, "--label").split("-")[0]
+    record("bench")
+    fail_if_asked("bench", variant)
     rate = float(flag(argv, "--request-rate"))
     tput = THROUGHPUT[variant] * min(rate, 10.0)
     result = {"duration": 10.0, "completed": 8, "failed": 0, "request_throughput": 0.8,
@@ -57,7 +82,8 @@ def bench(argv):
               "median_ttft_ms": 50.0, "p99_ttft_ms": 90.0, "median_tpot_ms": 5.0,
               "p99_tpot_ms": 8.0, "p99_itl_ms": 9.0, "mean_e2el_ms": 400.0,
               "p99_e2el_ms": 700.0, "ttfts": [0.05] * 8, "generated_texts": ["x"] * 8,
-              "dataset": flag(argv, "--dataset-name")}
+              "dataset": flag(argv, "--dataset-name"),
+              "num_prompts": int(flag(argv, "--num-prompts"))}
     out = Path(flag(argv, "--result-dir")) / flag(argv, "--result-filename")
     out.write_text(json.dumps(result))
 
@@ -73,6 +99,8 @@ def worker(argv):
                (None, "asyncbatch.Worker"): "worker",
                ("asyncbatch.Scheduler", "asyncbatch.Worker"): "full"}.get(plugins)
     variant = variant or ("sync" if args.get("async_scheduling") is False else "async")
+    record("worker")
+    fail_if_asked("worker", variant)
     jitter = (os.getpid() % 5) / 5
     results = []
     for w in spec["workloads"]:
@@ -86,7 +114,7 @@ def worker(argv):
                  if not args.get("lie") else False}
     Path(argv[1]).write_text(json.dumps({"startup_s": 1.0, "gpu": "Fake GPU",
                                          "effective_config": effective,
-                                         "results": results}))
+                                         "results": results, "finished_at": time.time()}))
 
 
 if __name__ == "__main__":

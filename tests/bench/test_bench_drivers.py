@@ -87,6 +87,6 @@ def test_online_ab_two_rates(fake_vllm, tmp_path, capsys):
     assert all("ttfts" not in r and r["median_ttft_ms"] == 50.0 for r in runs)
     assert all(r["dataset"] == "prefix_repetition" for r in runs)
     assert all(r["prefix_cache_hit_rate"] == pytest.approx(0.5) for r in runs)
-    raw = list((tmp_path / "res" / "vllm-bench").glob("*.json"))
-    assert len(raw) == 8
+    raw = list((tmp_path / "res" / "vllm-bench" / "on").glob("*.json"))
+    assert len(raw) == 8  # one folder per result set: a later run overwrites nothing
     assert "TTFT p50 ms" in out and "asyncbatch" in out

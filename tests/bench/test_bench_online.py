@@ -152,6 +152,6 @@ def test_worker_variants_are_known_but_not_defaults(capsys):
     assert check_variants(["async", "worker", "full"]) == ["async", "worker", "full"]
     with pytest.raises(VariantError, match="worker, full"):
         check_variants(["turbo"])
-    for cmd in ("offline", "online", "replay"):
+    for cmd in ("offline", "online", "ab", "replay"):
         args = build_parser().parse_args([cmd])
         assert "worker" not in args.variants and "full" not in args.variants
