@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Scheduler", "__version__", "register"]
+__all__ = ["Scheduler", "Worker", "__version__", "register"]
 
 if TYPE_CHECKING:
     from asyncbatch.glue.scheduler import Scheduler
+    from asyncbatch.worker import Worker
 
 _registered = False
 
@@ -42,4 +43,8 @@ def __getattr__(name: str) -> Any:
         from asyncbatch.glue.scheduler import Scheduler
 
         return Scheduler
+    if name == "Worker":
+        from asyncbatch.worker import Worker
+
+        return Worker
     raise AttributeError(f"module 'asyncbatch' has no attribute {name!r}")

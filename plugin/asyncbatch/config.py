@@ -109,6 +109,21 @@ class AsyncBatchConfig(BaseModel):
         ),
     )
 
+    pipeline_depth: int | None = Field(
+        default=None,
+        ge=2,
+        le=4,
+        description=(
+            "Batches in flight between the scheduler and the GPU. vLLM's async scheduling "
+            "keeps 2; 3 lets the worker prepare a step while the two before it are queued "
+            "on the GPU, which hides host latency for small models. Unset (null): 3 where "
+            "it is supported (--worker-cls asyncbatch.Worker, which sizes the worker's input "
+            "buffers to the depth; the V2 model runner; no pipeline parallelism; no "
+            "speculative decoding), else 2. A value above 2 where it is not supported is "
+            "an error. A request may compute one token past its end, which is discarded."
+        ),
+    )
+
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> AsyncBatchConfig:
         """Build the settings from ``VllmConfig.additional_config``.

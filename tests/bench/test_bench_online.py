@@ -123,22 +123,31 @@ def test_engine_args_fit_max_model_len_to_a_small_kv_cache():
 
 
 def test_worker_and_full_variants_load_the_worker_plugin(tmp_path):
-    profile = EngineProfile(asyncbatch_config={"policy": "fcfs"})
+    profile = EngineProfile(asyncbatch_config={"kv_headroom": 0.0})
     worker = profile.engine_args("worker")
-    assert worker["worker_cls"] == "asyncbatch.Worker" and "scheduler_cls" not in worker
+    # the deeper pipeline needs both plugins; "worker" keeps the pass-through policy
+    assert worker["worker_cls"] == "asyncbatch.Worker"
+    assert worker["scheduler_cls"] == "asyncbatch.Scheduler"
+    assert worker["additional_config"] == {"asyncbatch": {"kv_headroom": 0.0,
+                                                          "policy": "fcfs"}}
     assert "async_scheduling" not in worker  # stock async scheduling, as the baseline
     full = profile.engine_args("full")
     assert full["worker_cls"] == "asyncbatch.Worker"
     assert full["scheduler_cls"] == "asyncbatch.Scheduler"
-    assert full["additional_config"] == {"asyncbatch": {"policy": "fcfs"}}
+    assert full["additional_config"] == {"asyncbatch": {"kv_headroom": 0.0}}
     for stock in ("sync", "async"):
         assert "worker_cls" not in profile.engine_args(stock)
+        assert "additional_config" not in profile.engine_args(stock)
     assert "worker_cls" not in profile.engine_args("asyncbatch")
+    assert EngineProfile().engine_args("worker")["additional_config"] == {
+        "asyncbatch": {"policy": "fcfs"}}
+    assert "additional_config" not in EngineProfile().engine_args("full")
 
     model = resolve_model("dummy:llama-1b", cache_dir=tmp_path, create=False)
     cmd = serve_cmd(model, profile, "worker", 8123)
     assert cmd[cmd.index("--worker-cls") + 1] == "asyncbatch.Worker"
-    assert "--scheduler-cls" not in cmd and "--no-async-scheduling" not in cmd
+    assert cmd[cmd.index("--scheduler-cls") + 1] == "asyncbatch.Scheduler"
+    assert "--no-async-scheduling" not in cmd
     cmd = serve_cmd(model, profile, "full", 8123)
     assert cmd[cmd.index("--worker-cls") + 1] == "asyncbatch.Worker"
     assert cmd[cmd.index("--scheduler-cls") + 1] == "asyncbatch.Scheduler"

@@ -21,6 +21,9 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs]}
+    if spec["engine_args"].get("worker_cls") == "asyncbatch.Worker":
+        # what every worker process sized its input buffers for
+        result["buffer_depth"] = llm.collective_rpc("asyncbatch_buffer_depth")
     Path(sys.argv[2]).write_text(json.dumps(result))
 
 

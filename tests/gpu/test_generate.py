@@ -10,27 +10,30 @@ from pathlib import Path
 
 import pytest
 
-from asyncbatch.sim.model_dir import write_model_dir
-
 pytestmark = pytest.mark.gpu
 HERE = Path(__file__).parent
-SHAPE = os.environ.get("ASYNCBATCH_GPU_TEST_SHAPE", "llama-1b")
 
 
-def generate(tmp_path, name, model, prompts, max_tokens, **engine_args):
+def generate(tmp_path, name, model, prompts, max_tokens, *, env=None, full=False,
+             **engine_args):
+    """Greedy outputs of one engine in a fresh process (``full``: the whole run_llm
+    result, with the worker's buffer depth where there is one)."""
     spec = tmp_path / f"{name}.json"
     out = tmp_path / f"{name}.out.json"
     engine_args.setdefault("gpu_memory_utilization", 0.5)
     engine_args.setdefault("max_model_len", 4096)
     spec.write_text(json.dumps(dict(model=str(model), prompts=prompts, max_tokens=max_tokens,
                                     engine_args=engine_args)))
-    subprocess.run([sys.executable, str(HERE / "run_llm.py"), str(spec), str(out)], check=True)
-    return json.loads(out.read_text())["outputs"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_model_dir(tmp_path_factory.mktemp("model"), SHAPE)
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, str(HERE / "run_llm.py"), str(spec), str(out)],
+                            stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode
+    if rc:
+        print("".join(log.read_text().splitlines(True)[-60:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(rc, f"run_llm.py {name} (log {log})")
+    result = json.loads(out.read_text())
+    return result if full else result["outputs"]
 
 
 def mixed_prompts(n=64, seed=0):

@@ -2,10 +2,12 @@
 """The compared variants and the engine arguments they share.
 
 ``sync`` and ``async`` are stock vLLM (one or two batches in flight; ``async`` is
-the baseline of every ratio), ``asyncbatch`` swaps in the scheduler.  ``worker``
-swaps in only the worker (``asyncbatch.Worker``, which prepares step N+1's inputs
-while step N runs) and ``full`` both, so each side's share of a difference can be
-told apart.  The last two are not defaults: they need the worker module.
+the baseline of every ratio), ``asyncbatch`` swaps in the scheduler (its policy,
+two batches in flight).  ``worker`` adds ``asyncbatch.Worker`` and so a third
+batch in flight, with the scheduler's pass-through ``fcfs`` policy, so that only
+the pipeline depth differs from ``async``; ``full`` is the product as shipped
+(prefix policy, three batches in flight).  Together they tell apart the policy's
+and the pipeline's share of a difference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ ASYNCBATCH_WORKER = "asyncbatch.Worker"
 # variant -> (scheduler class, worker class); None keeps vLLM's own
 PLUGINS: dict[str, tuple[str | None, str | None]] = {
     "asyncbatch": (ASYNCBATCH_SCHEDULER, None),
-    "worker": (None, ASYNCBATCH_WORKER),
+    # the deeper pipeline lives in the EngineCore too, so it needs the scheduler
+    "worker": (ASYNCBATCH_SCHEDULER, ASYNCBATCH_WORKER),
     "full": (ASYNCBATCH_SCHEDULER, ASYNCBATCH_WORKER),
 }
 
@@ -74,8 +77,11 @@ class EngineProfile:
             args["scheduler_cls"] = scheduler_cls
         if worker_cls:
             args["worker_cls"] = worker_cls
-        if (scheduler_cls or worker_cls) and self.asyncbatch_config:
-            args["additional_config"] = {"asyncbatch": self.asyncbatch_config}
+        settings = dict(self.asyncbatch_config)
+        if variant == "worker":
+            settings["policy"] = "fcfs"
+        if scheduler_cls and settings:
+            args["additional_config"] = {"asyncbatch": settings}
         return args
 
     def serve_args(self, variant: str) -> list[str]:

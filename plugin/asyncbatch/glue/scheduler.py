@@ -19,11 +19,13 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
+from asyncbatch.glue.pipeline import check_depth, install_depth_override
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.policy import make_policy
 from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
 
-logger = init_logger(__name__)
+# Under vLLM's logger, so that its handler and VLLM_LOGGING_LEVEL apply.
+logger = init_logger(f"vllm.{__name__}")
 
 # Hooks proposed to vLLM (patches/ in the repository). Where the installed vLLM has one,
 # vLLM calls the public method of the same name below; otherwise asyncbatch overrides the
@@ -32,6 +34,9 @@ HAS_WAITING_QUEUE_HOOKS = hasattr(VllmScheduler, "make_waiting_queue") and hasat
     RequestQueue, "may_admit")
 HAS_FINISHED_HOOK = hasattr(VllmScheduler, "on_request_finished")
 HAS_EVICT_FIRST_HOOK = hasattr(VllmScheduler, "evict_cached_blocks_first")
+# EngineCore sizes its batch queue after it has built the scheduler, so importing the
+# scheduler is early enough for ``pipeline_depth`` (see glue/pipeline.py).
+install_depth_override()
 
 
 class AsyncSchedulingRequired(RuntimeError):
@@ -59,6 +64,7 @@ class Scheduler(AsyncScheduler):
         self.asyncbatch_config = settings = AsyncBatchConfig.from_additional_config(
             vllm_config.additional_config
         )
+        self.pipeline_depth = check_depth(vllm_config)
         self.prefix_policy: PrefixGroupingPolicy | None = None
         # request_id -> prompt tokens it found in the prefix cache when admitted
         self._num_cached_tokens: dict[str, int] = {}
@@ -66,8 +72,9 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
-        logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s)",
-                    settings, self.policy.value)
+        logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
+                    "in flight)", settings, self.policy.value,
+                    vllm_config.max_concurrent_batches)
 
     def make_waiting_queue(self) -> PolicyRequestQueue:
         """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the

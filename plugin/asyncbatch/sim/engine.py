@@ -56,6 +56,7 @@ def build_scheduler(
     additional_config: dict[str, Any] | None = None,
     async_scheduling: bool = True,
     log_stats: bool = True,
+    worker_cls: str | None = None,
 ) -> Any:
     """A vLLM scheduler over ``num_blocks`` KV blocks of ``block_size`` tokens.
 
@@ -110,6 +111,8 @@ def build_scheduler(
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.block_size = block_size
     vllm_config.cache_config.num_gpu_blocks = num_blocks
+    if worker_cls is not None:
+        vllm_config.parallel_config.worker_cls = worker_cls
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
@@ -223,7 +226,9 @@ class SimEngine:
     scheduler: Any
     token_fn: Callable[[str, int], int] = default_token
     stop_at: dict[str, int] = field(default_factory=dict)
-    max_in_flight: int = 2
+    # steps in flight; None: as many as vLLM's EngineCore would keep
+    # (``VllmConfig.max_concurrent_batches``: 2 with async scheduling)
+    max_in_flight: int | None = None
     on_step: Callable[[SimEngine], None] | None = None
     stats: SimStats = field(default_factory=SimStats)
     # request_id -> tokens returned to the client so far
@@ -234,6 +239,10 @@ class SimEngine:
     in_flight: deque = field(default_factory=deque)
     # the SchedulerOutput made by the last `step`, None if it only completed one
     last_scheduled: Any = None
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is None:
+            self.max_in_flight = int(self.scheduler.vllm_config.max_concurrent_batches)
 
     def add_request(self, request: Any) -> None:
         self.outputs[request.request_id] = []
@@ -257,7 +266,8 @@ class SimEngine:
         """One pass of ``EngineCore.step_with_batch_queue``."""
         scheduler = self.scheduler
         self.last_scheduled = None
-        if len(self.in_flight) < self.max_in_flight and scheduler.has_requests():
+        depth = self.max_in_flight or 1
+        if len(self.in_flight) < depth and scheduler.has_requests():
             out = self.last_scheduled = scheduler.schedule()
             self.stats.num_preemptions += len(out.preempted_req_ids or ())
             samples = [
@@ -267,7 +277,7 @@ class SimEngine:
             self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
             self.stats.num_empty_steps += out.total_num_scheduled_tokens == 0
             self.in_flight.appendleft((out, samples))
-            if len(self.in_flight) < self.max_in_flight and scheduler.has_requests():
+            if len(self.in_flight) < depth and scheduler.has_requests():
                 self._after_step()
                 return
         if self.in_flight:

@@ -1,0 +1,257 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Worker-side A/B on a GPU: stock async scheduling vs a deeper pipeline.
+
+    python3 benchmarks/worker_ab.py --shape llama-1b --repeats 2 --out DIR
+
+Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order):
+
+- ``async``: stock vLLM 0.26, async scheduling, two batches in flight.
+- ``depth3``: ``asyncbatch.Scheduler`` (pass-through ``fcfs`` policy, so only the
+  depth differs) + ``asyncbatch.Worker`` + ``pipeline_depth`` 3.
+
+Both use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
+small models) and vLLM's defaults for everything else.  Each run times one
+``llm.generate`` of random prompts (``--num-prompts`` x ``--input-len`` in /
+``--output-len`` out, ``ignore_eos``) while a thread samples NVML GPU utilization
+every 50 ms, then generates greedily for a parity set: prompts of mixed lengths
+whose ``max_tokens`` differ, so requests finish at different steps, with prefix
+caching on.  The parent compares the parity tokens of every run with the first
+``async`` run's and fails on any difference.  ``--sync-check`` adds one run of
+the deep variant under ``VLLM_GPU_SYNC_CHECK=error`` (any host sync inside
+``execute_model`` / ``sample_tokens`` raises).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_args(variant: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"distributed_executor_backend": "mp", "seed": 0}
+    if variant.startswith("depth"):
+        depth = int(variant.removeprefix("depth"))
+        args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
+                    additional_config={"asyncbatch": {"policy": "fcfs",
+                                                      "pipeline_depth": depth}})
+    elif variant == "full3":
+        args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
+                    additional_config={"asyncbatch": {"pipeline_depth": 3}})
+    elif variant != "async":
+        raise SystemExit(f"unknown variant {variant!r}")
+    return args
+
+
+def parity_prompts(n: int = 64, seed: int = 1) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(100, 30000) for _ in range(96)]
+    prompts, max_tokens = [], []
+    for i in range(n):
+        length = rng.choice([5, 17, 64, 200, 700, 1500])
+        body = [rng.randrange(100, 30000) for _ in range(length)]
+        prompts.append(shared + body if i % 3 == 0 else body)
+        max_tokens.append(rng.choice([1, 3, 16, 40, 97, 128]))
+    return prompts, max_tokens
+
+
+class UtilSampler(threading.Thread):
+    """NVML GPU utilization (% of time a kernel ran in the last sample period)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        try:
+            import pynvml
+        except ImportError:
+            from vllm.third_party import pynvml  # type: ignore[no-redef]
+
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.period_s = period_s
+        self.samples: list[int] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+            time.sleep(self.period_s)
+
+    def stop(self) -> list[int]:
+        self._halt.set()
+        self.join()
+        return self.samples
+
+
+def _worker_buffer_depth(worker: Any) -> int:
+    from vllm.v1.worker.gpu import buffer_utils
+
+    return int(buffer_utils._DEFAULT_MAX_CONCURRENCY)
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "plugin"))
+    # collective_rpc of a local function (the buffer-depth probe) goes by pickle
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], tokenizer=spec["model"], load_format="dummy",
+              **engine_args(spec["variant"]))
+    startup_s = time.perf_counter() - t0
+    vc = llm.llm_engine.vllm_config
+    out: dict[str, Any] = {
+        "variant": spec["variant"], "startup_s": startup_s,
+        "max_num_seqs": vc.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
+        "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
+    }
+    # what the worker processes actually built (round-robin input buffers per pool)
+    out["worker_buffer_depth"] = llm.collective_rpc(_worker_buffer_depth)
+    rng = random.Random(0)
+    n, lin, lout = spec["num_prompts"], spec["input_len"], spec["output_len"]
+    if n:
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000)
+                                                  for _ in range(lin)]) for _ in range(n)]
+        params = SamplingParams(max_tokens=lout, ignore_eos=True, temperature=1.0)
+        llm.generate(prompts[:16], SamplingParams(max_tokens=8, ignore_eos=True),
+                     use_tqdm=False)
+        llm.reset_prefix_cache()
+        sampler = UtilSampler()
+        sampler.start()
+        t1 = time.perf_counter()
+        res = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t1
+        util = sampler.stop()
+        n_out = sum(len(r.outputs[0].token_ids) for r in res)
+        n_in = sum(len(r.prompt_token_ids or ()) for r in res)
+        # the first and last 10% of samples are ramp-up and tail
+        k = len(util) // 10
+        steady = util[k:len(util) - k] or util
+        out.update(elapsed_s=elapsed, output_tok_s=n_out / elapsed,
+                   total_tok_s=(n_in + n_out) / elapsed, num_output_tokens=n_out,
+                   nvml_util_mean=statistics.fmean(util) if util else None,
+                   nvml_util_steady=statistics.fmean(steady) if steady else None,
+                   nvml_samples=len(util))
+    pp, mt = parity_prompts()
+    res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pp],
+                       [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                        for m in mt], use_tqdm=False)
+    out["parity_tokens"] = [list(r.outputs[0].token_ids) for r in res]
+    return out
+
+
+def abba(variants: list[str], repeats: int) -> list[str]:
+    order: list[str] = []
+    for k in range(repeats):
+        order += variants if k % 2 == 0 else variants[::-1]
+    return order
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="llama-1b", choices=["llama-1b", "llama-8b"])
+    ap.add_argument("--variants", default="async,depth3")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--sync-check", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/worker")
+    ap.add_argument("--timeout", type=float, default=600)
+    a = ap.parse_args()
+    if a.child:
+        spec = json.loads(a.child.read_text())
+        result = child(spec)
+        Path(spec["result"]).write_text(json.dumps(result))
+        return 0
+
+    sys.path.insert(0, str(ROOT / "plugin"))
+    from asyncbatch.bench.models import resolve_model
+
+    model = resolve_model(f"dummy:{a.shape}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    variants = a.variants.split(",")
+    plan = [(v, {}) for v in abba(variants, a.repeats)]
+    if a.sync_check:
+        plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
+    runs = []
+    for i, (variant, env) in enumerate(plan):
+        spec_path = a.out / f".spec-{stamp}-{i}.json"
+        res_path = a.out / f".res-{stamp}-{i}.json"
+        sync = bool(env)
+        spec = {"model": model.path, "variant": variant, "result": str(res_path),
+                "num_prompts": 0 if sync else a.num_prompts, "input_len": a.input_len,
+                "output_len": a.output_len}
+        spec_path.write_text(json.dumps(spec))
+        log = a.out / f"run-{stamp}-{i:02d}-{variant}{'-synccheck' if sync else ''}.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
+                                stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout,
+                                env={**os.environ, **env}).returncode
+        spec_path.unlink()
+        if rc != 0:
+            print(f"run {i} {variant} failed (rc {rc}); log {log}:")
+            print("".join(log.read_text().splitlines(True)[-40:]))
+            return 1
+        r = json.loads(res_path.read_text())
+        res_path.unlink()
+        r.update(order=i, sync_check=sync, wall_s=time.perf_counter() - t0)
+        runs.append(r)
+        tps = r.get("output_tok_s")
+        print(f"[{i}] {variant}{' (sync check)' if sync else ''}: "
+              + (f"{tps:,.0f} out tok/s, NVML {r['nvml_util_steady']:.0f}%, "
+                 if tps else "") + f"worker buffers {r['worker_buffer_depth']}", flush=True)
+
+    ref = next(r for r in runs if r["variant"] == variants[0])["parity_tokens"]
+    mismatches = {}
+    for r in runs:
+        bad = [j for j, (x, y) in enumerate(zip(ref, r["parity_tokens"], strict=True))
+               if x != y]
+        if bad:
+            mismatches[f"{r['order']}-{r['variant']}"] = bad
+    summary: dict[str, Any] = {}
+    for v in variants:
+        xs = [r for r in runs if r["variant"] == v and not r["sync_check"]]
+        tps = sorted(r["output_tok_s"] for r in xs)
+        util = [r["nvml_util_steady"] for r in xs]
+        summary[v] = {"output_tok_s_median": statistics.median(tps),
+                      "output_tok_s_range": [tps[0], tps[-1]],
+                      "nvml_util_steady_median": statistics.median(util)}
+    base = summary[variants[0]]["output_tok_s_median"]
+    for v in variants:
+        summary[v]["ratio_vs_" + variants[0]] = summary[v]["output_tok_s_median"] / base
+    import torch
+
+    doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "gpu": torch.cuda.get_device_name(0), "host": platform.node(),
+           "shape": a.shape, "workload": {"num_prompts": a.num_prompts,
+                                          "input_len": a.input_len,
+                                          "output_len": a.output_len},
+           "summary": summary, "parity_mismatches": mismatches,
+           "runs": [{k: v for k, v in r.items() if k != "parity_tokens"} for r in runs]}
+    path = a.out / f"worker-ab-{a.shape}-{stamp}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(summary, indent=1))
+    print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
+    print("wrote", path)
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

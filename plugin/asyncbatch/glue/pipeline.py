@@ -1,0 +1,158 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pipeline depth: how many batches are in flight between the scheduler and the GPU.
+
+vLLM 0.26 sizes its batch queue (``EngineCore.batch_queue_size``) and the model
+runner's round-robin input buffers (``UvaBufferPool``) from one number,
+``VllmConfig.max_concurrent_batches``: 2 with async scheduling, ``pp + 1`` with
+pipeline parallelism on the V2 runner.  Nothing else can set it.  With depth 2 the
+worker prepares step N+1 while N runs, but it can only start once the EngineCore
+has processed N-1's output and scheduled N+1; for a small model that host chain
+(output copy, IPC, ``update_from_output``, ``schedule``, IPC, input preparation)
+is longer than a GPU step, and the GPU waits.  One more batch in flight lets that
+chain overlap two GPU steps instead of one.
+
+On released vLLM the number is a property, so asyncbatch replaces the property
+with one that returns `effective_depth` (``patches/0004`` makes it a setting).
+The replacement is installed when ``asyncbatch.Scheduler`` or
+``asyncbatch.Worker`` is imported, so the EngineCore (batch queue, via the
+scheduler) and every worker process (buffer pools, via the worker) see the same
+depth.  In a process that imported neither, vLLM is untouched; a configuration
+without ``--worker-cls asyncbatch.Worker`` keeps vLLM's own value unless it sets
+``pipeline_depth`` (and then it is refused, see `unsupported_reasons`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from asyncbatch.config import CONFIG_KEY, AsyncBatchConfig, InvalidSettings
+
+STOCK_DEPTH = 2
+# Measured on an H100 (benchmarks/results/worker): 3 beats 2 for a host-bound
+# Llama-1B shape and ties for a GPU-bound 8B one; 4 was no better than 2.
+AUTO_DEPTH = 3
+WORKER_NAMES = ("asyncbatch.Worker", "asyncbatch.worker.Worker")
+
+_installed = False
+
+
+class PipelineDepthUnsupported(ValueError):
+    pass
+
+
+def requested_depth(additional_config: Any) -> int | None:
+    """The depth set in ``additional_config``; None when unset (automatic).
+
+    Raises:
+        InvalidSettings: the asyncbatch settings do not validate.
+    """
+    if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
+        return None
+    return AsyncBatchConfig.from_additional_config(additional_config).pipeline_depth
+
+
+def effective_depth(vllm_config: Any) -> int:
+    """The depth this configuration runs at: the one set, or, when unset, 3 where
+    `unsupported_reasons` has nothing against it and 2 otherwise.
+
+    The EngineCore and the workers evaluate it on the same configuration, so they
+    agree; the worker side alone may size for more (harmless: unused buffers).
+    """
+    try:
+        depth = requested_depth(vllm_config.additional_config)
+    except InvalidSettings:
+        # The property must not raise inside vLLM's start-up: invalid settings are
+        # reported, with their key, by the scheduler's own validation.
+        return STOCK_DEPTH
+    if depth is not None:
+        return depth
+    return AUTO_DEPTH if not unsupported_reasons(vllm_config, AUTO_DEPTH) else STOCK_DEPTH
+
+
+def install_depth_override() -> None:
+    """Make ``VllmConfig.max_concurrent_batches`` honour ``pipeline_depth``.
+
+    Idempotent.  Where the depth is not set above 2, or async scheduling is off,
+    the value is vLLM's own.
+    """
+    global _installed
+    if _installed:
+        return
+    from vllm.config import VllmConfig
+
+    stock = VllmConfig.max_concurrent_batches
+    if not isinstance(stock, property) or stock.fget is None:
+        raise RuntimeError("vllm.config.VllmConfig.max_concurrent_batches is not a "
+                           "property; this vLLM is not the one asyncbatch supports")
+    stock_fget = stock.fget
+
+    def max_concurrent_batches(self: Any) -> int:
+        base = stock_fget(self)
+        if not self.scheduler_config.async_scheduling:
+            return base
+        return max(base, effective_depth(self))
+
+    max_concurrent_batches.__doc__ = stock.__doc__
+    max_concurrent_batches.asyncbatch_stock = stock_fget  # type: ignore[attr-defined]
+    VllmConfig.max_concurrent_batches = property(max_concurrent_batches)  # type: ignore[assignment,method-assign]
+    _installed = True
+
+
+def uses_asyncbatch_worker(worker_cls: Any) -> bool:
+    if isinstance(worker_cls, str):
+        return worker_cls in WORKER_NAMES
+    from asyncbatch.worker import Worker
+
+    return isinstance(worker_cls, type) and issubclass(worker_cls, Worker)
+
+
+def runs_v2_model_runner(vllm_config: Any) -> bool:
+    """Whether the workers build vLLM's V2 model runner (``vllm/v1/worker/gpu``)."""
+    return bool(getattr(vllm_config, "use_v2_model_runner", False))
+
+
+def unsupported_reasons(vllm_config: Any, depth: int) -> list[str]:
+    """Why ``depth`` cannot run with this configuration (empty: it can)."""
+    if depth <= STOCK_DEPTH:
+        return []
+    reasons = []
+    parallel = vllm_config.parallel_config
+    if not vllm_config.scheduler_config.async_scheduling:
+        reasons.append("async scheduling is off; a deeper pipeline builds on it")
+    if not uses_asyncbatch_worker(parallel.worker_cls):
+        reasons.append(
+            f"the worker is {parallel.worker_cls!r}: pass --worker-cls asyncbatch.Worker "
+            "(worker_cls='asyncbatch.Worker'), which sizes the worker's input buffers "
+            f"for {depth} batches in flight; vLLM's own worker sizes them for 2, and a "
+            "third batch would overwrite inputs the GPU is still reading")
+    if not runs_v2_model_runner(vllm_config):
+        reasons.append(
+            "the V1 model runner is in use (VLLM_USE_V2_MODEL_RUNNER=0, or a feature "
+            "that needs V1); only the V2 runner keeps every input of a step on the GPU "
+            "in step order, which a deeper pipeline relies on")
+    if parallel.pipeline_parallel_size > 1:
+        reasons.append(
+            f"pipeline parallelism (pp={parallel.pipeline_parallel_size}) already sets "
+            "the depth to pp + 1")
+    if vllm_config.speculative_config is not None:
+        reasons.append(
+            "speculative decoding is on; its draft-token placeholders are written for "
+            "two batches in flight")
+    return reasons
+
+
+def check_depth(vllm_config: Any) -> int:
+    """The depth to run at; `PipelineDepthUnsupported`, naming every reason, when
+    a depth above 2 is set explicitly and cannot run here."""
+    depth = requested_depth(vllm_config.additional_config)
+    if depth is None:
+        return effective_depth(vllm_config)
+    reasons = unsupported_reasons(vllm_config, depth)
+    if reasons:
+        raise PipelineDepthUnsupported(
+            f'asyncbatch: "pipeline_depth": {depth} is not supported here: '
+            + "; ".join(reasons)
+            + '. Set "pipeline_depth": 2 (vLLM\'s own async scheduling), or leave it '
+            "unset to get the deepest pipeline this configuration supports.")
+    return depth
