@@ -56,3 +56,22 @@ def test_soak_with_fcfs_setting_and_no_prefix_caching(model_dir):
         f = SoakRun(config, model_dir).run()
         SOAK_FIGURES.append(f"{f.line()} [settings {settings}, prefix caching {caching}]")
         assert f.num_blocks_leaked == 0 and f.leftovers == {}
+
+
+def test_soak_with_three_batches_in_flight(model_dir, monkeypatch):
+    """asyncbatch.Worker's third batch in flight (the EngineCore side): the same
+    invariants after every step, a request finishing or aborted with two
+    outputs still in flight."""
+    from asyncbatch.glue import pipeline
+
+    # The CPU platform builds the V1 runner; the scheduler side does not depend on it.
+    monkeypatch.setattr(pipeline, "runs_v2_model_runner", lambda vllm_config: True)
+    config = SoakConfig(num_requests=8_000, seed=9, worker_cls="asyncbatch.Worker")
+    run = SoakRun(config, model_dir)
+    assert run.engine.max_in_flight == 3
+    f = run.run()
+    SOAK_FIGURES.append(f"{f.line()} [three batches in flight]")
+    assert f.num_requests == config.num_requests
+    assert f.num_blocks_leaked == 0 and f.leftovers == {}
+    assert f.num_preemptions > 0 and f.num_finished_stop > 0
+    assert f.max_bypass_steps <= config.max_wait_steps + config.wait_slack

@@ -58,6 +58,9 @@ class SoakConfig:
     max_num_batched_tokens: int = 64
     max_model_len: int = 320
     enable_prefix_caching: bool = True
+    # "asyncbatch.Worker": the EngineCore keeps as many batches in flight as
+    # asyncbatch.Worker allows (``pipeline_depth``), and so does the soak
+    worker_cls: str | None = None
     # mean arrivals per engine step, alternating between a calm and a burst phase
     calm_rate: float = 0.2
     burst_rate: float = 1.2
@@ -298,7 +301,8 @@ class SoakRun:
             model_dir, c.scheduler_cls, num_blocks=c.num_blocks, block_size=c.block_size,
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, scheduling_policy=c.scheduling_policy,
-            enable_prefix_caching=c.enable_prefix_caching, log_stats=False, **extra)
+            enable_prefix_caching=c.enable_prefix_caching, log_stats=False,
+            worker_cls=c.worker_cls, **extra)
         self.engine = SimEngine(self.scheduler, on_step=None)
         self.engine.finished = self.ledger = _FinishLedger()
         self.stream = RequestStream(c)
