@@ -5,7 +5,8 @@ and for ``python -m asyncbatch.bench.offline_worker`` in the CPU tests.
 With ``FAKE_VLLM_PIDS=FILE`` every process starts a sleeping child, as vLLM
 starts engine and worker processes, and appends ``ROLE PID CHILD_PID`` to FILE,
 so a test can check that none is left.  ``FAKE_VLLM_FAIL=ROLE:VARIANT`` (role
-``worker`` or ``bench``) makes that process fail.
+``worker`` or ``bench``) makes that process fail, and ``FAKE_VLLM_HANG=bench:VARIANT``
+makes that bench run hang.
 """
 
 import http.server
@@ -75,6 +76,8 @@ def bench(argv):
     variant = flag(argv, "--label").split("-")[0]
     record("bench")
     fail_if_asked("bench", variant)
+    if os.environ.get("FAKE_VLLM_HANG") == f"bench:{variant}":
+        time.sleep(600)
     rate = float(flag(argv, "--request-rate"))
     tput = THROUGHPUT[variant] * min(rate, 10.0)
     result = {"duration": 10.0, "completed": 8, "failed": 0, "request_throughput": 0.8,
@@ -96,8 +99,10 @@ def worker(argv):
         sys.exit(1)
     plugins = (args.get("scheduler_cls"), args.get("worker_cls"))
     variant = {("asyncbatch.Scheduler", None): "asyncbatch",
-               (None, "asyncbatch.Worker"): "worker",
                ("asyncbatch.Scheduler", "asyncbatch.Worker"): "full"}.get(plugins)
+    if variant == "full" and args.get("additional_config", {}).get("asyncbatch", {}).get(
+            "policy") == "fcfs":
+        variant = "worker"  # three in flight, pass-through policy
     variant = variant or ("sync" if args.get("async_scheduling") is False else "async")
     record("worker")
     fail_if_asked("worker", variant)

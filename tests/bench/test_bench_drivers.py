@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,31 @@ def test_online_ab_two_rates(fake_vllm, tmp_path, capsys):
     raw = list((tmp_path / "res" / "vllm-bench" / "on").glob("*.json"))
     assert len(raw) == 8  # one folder per result set: a later run overwrites nothing
     assert "TTFT p50 ms" in out and "asyncbatch" in out
+
+
+def test_online_run_that_hangs_is_stopped_and_finished_runs_are_kept(fake_vllm, tmp_path,
+                                                                    monkeypatch):
+    """A stuck `vllm bench serve` is stopped after its stall time, not the whole
+    --timeout; the error says so and points at the records of the runs before it."""
+    from asyncbatch.bench.models import resolve_model
+    from asyncbatch.bench.offline import BenchError
+    from asyncbatch.bench.online import run_online, run_timeout
+    from asyncbatch.bench.variants import EngineProfile
+    from asyncbatch.bench.workloads import parse_workload
+
+    assert run_timeout(30, 2.0, 900) == 120 + 6 * 15
+    assert run_timeout(30, 2.0, 60) == 60  # never beyond --timeout
+    assert run_timeout(30, float("inf"), 900) == 900
+    monkeypatch.setenv("FAKE_VLLM_HANG", "bench:asyncbatch")
+    model = resolve_model("dummy:tiny", cache_dir=tmp_path / "models")
+    t0 = time.monotonic()
+    with pytest.raises(BenchError, match="no result after") as e:
+        run_online(model, [("random", parse_workload("random:num_requests=4"))],
+                   ["async", "asyncbatch"], EngineProfile(), request_rates=[4.0],
+                   max_concurrency=4, repeats=1, work_dir=tmp_path / "work",
+                   result_dir=tmp_path / "res", duration_s=1.0, bench_timeout_s=900,
+                   stall_slack_s=3.0, progress=False)
+    assert time.monotonic() - t0 < 60
+    assert "1 online runs completed" in str(e.value)
+    kept = json.loads((tmp_path / "res" / "vllm-bench" / "completed-runs.json").read_text())
+    assert [r["variant"] for r in kept] == ["async"]

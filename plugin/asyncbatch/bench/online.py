@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import socket
@@ -184,13 +185,29 @@ def reset_prefix_cache(port: int) -> None:
         urllib.request.urlopen(req, timeout=30).close()
 
 
+# A `vllm bench serve` run that takes longer than this many times its sending time,
+# plus the slack (client start-up, dataset generation, draining), is stuck: stop it
+# and say so, instead of waiting out the whole --timeout.
+STALL_FACTOR = 6.0
+STALL_SLACK_S = 120.0
+
+
+def run_timeout(num_requests: int, rate: float, limit_s: float,
+                slack_s: float = STALL_SLACK_S) -> float:
+    """Seconds one ``vllm bench serve`` run may take before it counts as stuck."""
+    if math.isinf(rate) or rate <= 0:
+        return limit_s
+    return min(limit_s, slack_s + STALL_FACTOR * num_requests / rate)
+
+
 def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants: list[str],
                profile: EngineProfile, *, request_rates: list[float],
                max_concurrency: int | None, repeats: int, work_dir: Path, result_dir: Path,
                port: int | None = None, dataset_source: str = "vllm",
                duration_s: float | None = None, raw_dir: Path | None = None,
                server_cmd: Any = None, health_timeout_s: float = 600,
-               bench_timeout_s: float = 900, progress: bool = True) -> dict[str, Any]:
+               bench_timeout_s: float = 900, stall_slack_s: float = STALL_SLACK_S,
+               progress: bool = True) -> dict[str, Any]:
     """One server per (variant, repeat), in ABBA order; each serves every
     workload at every request rate (sized to about ``duration_s`` seconds per
     rate, `for_rate`).  Returns ``{"runs": [...], "config": {...}}``.
@@ -233,12 +250,24 @@ def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants
                                           max_concurrency=max_concurrency,
                                           result_dir=raw_dir, result_filename=result_path.name,
                                           label=f"{variant}-{label}")
+                        timeout_s = run_timeout(sized[run_key(label, rate)].num_requests,
+                                                rate, bench_timeout_s, stall_slack_s)
                         res = run_bench(cmd_b, work_dir / f"bench-{name}.log", result_path,
-                                        bench_timeout_s)
+                                        timeout_s)
                         after = scrape_counters(p)
                         runs.append(_run_record(res, variant, k, i, label, rate, before, after,
                                                 startup_s, result_path))
                         bar.update(1)
+    except BaseException as e:
+        # Keep what finished: the raw vllm bench JSONs are in raw_dir already; the
+        # records with their counters go next to them.
+        if runs:
+            kept = raw_dir / "completed-runs.json"
+            kept.write_text(json.dumps(runs, indent=1, default=str))
+            if isinstance(e, BenchError):
+                raise BenchError(f"{e}\n({len(runs)} online runs completed before this one; "
+                                 f"their records are in {kept})") from None
+        raise
     finally:
         bar.close()
     return {"runs": runs, "config": {
