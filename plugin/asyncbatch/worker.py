@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu_worker import Worker as VllmWorker
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
-    check_depth,
+    apply_depth,
     install_depth_override,
     runs_v2_model_runner,
 )
@@ -39,7 +39,8 @@ from asyncbatch.glue.pipeline import (
 logger = init_logger(f"vllm.{__name__}")
 
 # The V2 runner sizes its buffer pools from VllmConfig.max_concurrent_batches when it
-# is built (Worker.init_device), after this module has been imported.
+# is built (Worker.init_device), after this module has been imported and after
+# Worker.__init__ has set the depth on vLLM with async_scheduling_depth.
 install_depth_override()
 
 
@@ -53,7 +54,7 @@ class Worker(VllmWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
         super().__init__(*args, **kwargs)
-        self.pipeline_depth = check_depth(self.vllm_config)
+        self.pipeline_depth = apply_depth(self.vllm_config)
 
     def init_device(self) -> None:
         super().init_device()

@@ -27,8 +27,9 @@ def test_detected_hooks_match_the_vllm_in_use():
     expect = os.environ.get("ASYNCBATCH_EXPECT_HOOKS")
     if expect is None:
         pytest.skip("not run by patches/check.sh")
-    detected = (glue.HAS_WAITING_QUEUE_HOOKS, glue.HAS_FINISHED_HOOK, glue.HAS_EVICT_FIRST_HOOK)
-    assert detected == (expect == "1",) * 3
+    detected = (glue.HAS_WAITING_QUEUE_HOOKS, glue.HAS_FINISHED_HOOK, glue.HAS_EVICT_FIRST_HOOK,
+                glue.HAS_DEPTH_SETTING)
+    assert detected == (expect == "1",) * 4
     patched = os.environ.get("ASYNCBATCH_PATCHED_VLLM")
     if patched:
         assert os.path.dirname(vllm.__file__) == patched

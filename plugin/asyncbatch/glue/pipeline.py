@@ -12,17 +12,27 @@ is longer than a GPU step, and the GPU waits.  One more batch in flight lets tha
 chain overlap two GPU steps instead of one.
 
 On released vLLM the number is a property, so asyncbatch replaces the property
-with one that returns `effective_depth` (``patches/0004`` makes it a setting).
-The replacement is installed when ``asyncbatch.Scheduler`` or
-``asyncbatch.Worker`` is imported, so the EngineCore (batch queue, via the
-scheduler) and every worker process (buffer pools, via the worker) see the same
-depth.  In a process that imported neither, vLLM is untouched; a configuration
-without ``--worker-cls asyncbatch.Worker`` keeps vLLM's own value unless it sets
-``pipeline_depth`` (and then it is refused, see `unsupported_reasons`).
+with one that returns `effective_depth`.  The replacement is installed when
+``asyncbatch.Scheduler`` or ``asyncbatch.Worker`` is imported, so the EngineCore
+(batch queue, via the scheduler) and every worker process (buffer pools, via the
+worker) see the same depth.  In a process that imported neither, vLLM is
+untouched; a configuration without ``--worker-cls asyncbatch.Worker`` keeps
+vLLM's own value unless it sets ``pipeline_depth`` (and then it is refused, see
+`unsupported_reasons`).
+
+On vLLM with ``patches/0004`` (`has_depth_setting`), the depth is a vLLM setting,
+``SchedulerConfig.async_scheduling_depth``, and the property stays vLLM's:
+`apply_depth` writes the effective depth into the setting, from
+``asyncbatch.Scheduler.__init__`` in the EngineCore (before it sizes its batch
+queue) and from ``asyncbatch.Worker.__init__`` in every worker process (before
+the model runner is built).  Both paths give the same depth and the same
+refusals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,14 +80,24 @@ def effective_depth(vllm_config: Any) -> int:
     return AUTO_DEPTH if not unsupported_reasons(vllm_config, AUTO_DEPTH) else STOCK_DEPTH
 
 
+@functools.cache
+def has_depth_setting() -> bool:
+    """Whether the installed vLLM has ``SchedulerConfig.async_scheduling_depth``
+    (``patches/0004``); then `apply_depth` sets it and the property stays vLLM's."""
+    from vllm.config import SchedulerConfig
+
+    return "async_scheduling_depth" in {f.name for f in dataclasses.fields(SchedulerConfig)}
+
+
 def install_depth_override() -> None:
     """Make ``VllmConfig.max_concurrent_batches`` honour ``pipeline_depth``.
 
     Idempotent.  Where the depth is not set above 2, or async scheduling is off,
-    the value is vLLM's own.
+    the value is vLLM's own.  Does nothing on vLLM with the depth setting
+    (`has_depth_setting`): `apply_depth` sets that instead.
     """
     global _installed
-    if _installed:
+    if _installed or has_depth_setting():
         return
     from vllm.config import VllmConfig
 
@@ -155,4 +175,37 @@ def check_depth(vllm_config: Any) -> int:
             + "; ".join(reasons)
             + '. Set "pipeline_depth": 2 (vLLM\'s own async scheduling), or leave it '
             "unset to get the deepest pipeline this configuration supports.")
+    return depth
+
+
+def apply_depth(vllm_config: Any) -> int:
+    """Check the depth this configuration runs at (`check_depth`, with its
+    refusals) and make vLLM use it; returns it.
+
+    Called in the EngineCore by ``asyncbatch.Scheduler.__init__``, before
+    ``EngineCore`` reads ``max_concurrent_batches`` for its batch queue, and in
+    each worker process by ``asyncbatch.Worker.__init__``, before the model
+    runner sizes its buffers.  On vLLM with ``async_scheduling_depth``
+    (`has_depth_setting`) it writes the depth there; otherwise the property
+    installed by `install_depth_override` computes the same number.
+
+    Raises:
+        PipelineDepthUnsupported: as `check_depth`; or vLLM's
+            ``async_scheduling_depth`` (``--async-scheduling-depth``) was set to
+            another depth than asyncbatch runs at.
+    """
+    depth = check_depth(vllm_config)
+    if has_depth_setting():
+        scheduler_config = vllm_config.scheduler_config
+        current = scheduler_config.async_scheduling_depth
+        if current is not None and current != depth:
+            raise PipelineDepthUnsupported(
+                f"asyncbatch: vLLM's async_scheduling_depth (--async-scheduling-depth) "
+                f"is {current}, but asyncbatch runs {depth} batches in flight with this "
+                'configuration. Leave --async-scheduling-depth unset and set "pipeline_depth" '
+                "in asyncbatch's settings instead; it is checked against the worker, the "
+                "model runner, pipeline parallelism and speculative decoding.")
+        scheduler_config.async_scheduling_depth = depth
+    else:
+        install_depth_override()
     return depth

@@ -19,7 +19,7 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
-from asyncbatch.glue.pipeline import check_depth, install_depth_override
+from asyncbatch.glue.pipeline import apply_depth, has_depth_setting, install_depth_override
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.policy import make_policy
 from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
@@ -34,6 +34,9 @@ HAS_WAITING_QUEUE_HOOKS = hasattr(VllmScheduler, "make_waiting_queue") and hasat
     RequestQueue, "may_admit")
 HAS_FINISHED_HOOK = hasattr(VllmScheduler, "on_request_finished")
 HAS_EVICT_FIRST_HOOK = hasattr(VllmScheduler, "evict_cached_blocks_first")
+# SchedulerConfig.async_scheduling_depth: set by `apply_depth` in __init__ where vLLM has
+# it; otherwise VllmConfig.max_concurrent_batches is replaced, here.
+HAS_DEPTH_SETTING = has_depth_setting()
 # EngineCore sizes its batch queue after it has built the scheduler, so importing the
 # scheduler is early enough for ``pipeline_depth`` (see glue/pipeline.py).
 install_depth_override()
@@ -64,7 +67,7 @@ class Scheduler(AsyncScheduler):
         self.asyncbatch_config = settings = AsyncBatchConfig.from_additional_config(
             vllm_config.additional_config
         )
-        self.pipeline_depth = check_depth(vllm_config)
+        self.pipeline_depth = apply_depth(vllm_config)
         self.prefix_policy: PrefixGroupingPolicy | None = None
         # request_id -> prompt tokens it found in the prefix cache when admitted
         self._num_cached_tokens: dict[str, int] = {}
