@@ -8,6 +8,7 @@ import pytest
 from reliability_support import SOAK_FIGURES, soak_mode
 
 from asyncbatch.sim.soak import ASYNCBATCH, STOCK, SoakConfig, SoakRun
+from runner_view import vllm_follows_the_glue_runner  # noqa: F401  (a fixture)
 
 # Requests per run: (fcfs, priority).  About 1,100 requests/s per scheduler on
 # one core when the machine is quiet: CI mode takes about a minute.
