@@ -119,8 +119,9 @@ class AsyncBatchConfig(BaseModel):
             "on the GPU, which hides host latency for small models. Unset (null): 3 where "
             "it is supported (--worker-cls asyncbatch.Worker, which sizes the worker's input "
             "buffers to the depth; the V2 model runner; no pipeline parallelism; no "
-            "speculative decoding), else 2. A value above 2 where it is not supported is "
-            "an error. A request may compute one token past its end, which is discarded."
+            "speculative decoding; no sliding-window or chunked-local attention), else 2. "
+            "A value above 2 where it is not supported is an error. A request may compute "
+            "one token past its end, which is discarded."
         ),
     )
 

@@ -64,7 +64,9 @@ def test_explicit_depth_names_every_reason(make_scheduler):
 
 def fake_config(**overrides):
     parallel = SimpleNamespace(worker_cls=WORKER, pipeline_parallel_size=1)
+    model = SimpleNamespace(get_sliding_window=lambda: None, attention_chunk_size=None)
     config = SimpleNamespace(
+        model_config=model,
         scheduler_config=SimpleNamespace(async_scheduling=True), parallel_config=parallel,
         speculative_config=None, use_v2_model_runner=True, additional_config={})
     for key, value in overrides.items():
@@ -78,6 +80,10 @@ def fake_config(**overrides):
     ({"speculative_config": object()}, "speculative decoding"),
     ({"use_v2_model_runner": False}, "V1 model runner"),
     ({"scheduler_config": SimpleNamespace(async_scheduling=False)}, "async scheduling is off"),
+    ({"model_config": SimpleNamespace(get_sliding_window=lambda: 4096,
+                                      attention_chunk_size=None)}, "sliding-window"),
+    ({"model_config": SimpleNamespace(get_sliding_window=lambda: None,
+                                      attention_chunk_size=8192)}, "chunked-local"),
 ])
 def test_unsupported_combinations(overrides, expected):
     config = fake_config(**overrides)

@@ -155,6 +155,14 @@ def unsupported_reasons(vllm_config: Any, depth: int) -> list[str]:
         reasons.append(
             f"pipeline parallelism (pp={parallel.pipeline_parallel_size}) already sets "
             "the depth to pp + 1")
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is not None and (
+            model_config.get_sliding_window() is not None
+            or getattr(model_config, "attention_chunk_size", None) is not None):
+        reasons.append(
+            "the model has sliding-window or chunked-local attention layers, whose KV "
+            "reservation per request vLLM sizes at start-up, before the scheduler exists, "
+            "for two batches in flight")
     if vllm_config.speculative_config is not None:
         reasons.append(
             "speculative decoding is on; its draft-token placeholders are written for "
