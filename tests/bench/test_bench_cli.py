@@ -27,9 +27,15 @@ def test_unknown_variant(capsys):
     assert rc == 2 and "turbo" in err and "asyncbatch" in err
 
 
-def test_replay_refuses_worker_variants(capsys):
-    rc, _, err = run(capsys, "replay", "--variants", "async,worker")
-    assert rc == 2 and "cannot run worker" in err and "the worker's host time" in err
+def test_replay_runs_the_worker_three_deep_and_says_what_it_models(capsys, tmp_path):
+    rc, out, err = run(capsys, "replay", "--variants", "async,worker",
+                       "-w", "random:num_requests=24,input_len=64,output_len=16",
+                       "--result-dir", str(tmp_path), "--name", "r", "--no-progress")
+    assert rc == 0 and "| worker |" in out
+    assert "three batches in flight" in err and "not" in err
+    result = json.loads((tmp_path / "r.json").read_text())
+    depth = {r["variant"]: r["max_batches_in_flight"] for r in result["runs"]}
+    assert depth == {"async": 2, "worker": 3}
 
 
 def test_missing_model_folder_says_how_to_make_a_dummy(capsys, tmp_path):
