@@ -18,5 +18,5 @@ demo:
 	$(PY) -m asyncbatch.demo
 
 lint:
-	$(PY) -m ruff check plugin tests benchmarks
+	$(PY) -m ruff check --no-cache plugin tests benchmarks
 	$(PY) -m mypy

@@ -13,20 +13,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from proc_support import alive
 
 from asyncbatch.bench import offline, online
 from asyncbatch.bench.ab import AbPlan
 from asyncbatch.bench.cli import main
 
 FAKE = str(Path(__file__).with_name("fake_vllm.py"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 class Fake:

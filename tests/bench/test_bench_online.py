@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from proc_support import alive
 
 from asyncbatch.bench.models import resolve_model
 from asyncbatch.bench.offline import BenchError
@@ -17,14 +18,6 @@ from asyncbatch.bench.variants import EngineProfile
 from asyncbatch.bench.workloads import parse_workload
 
 FAKE = str(Path(__file__).with_name("fake_server.py"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def pids(pidfile: Path) -> list[int]:

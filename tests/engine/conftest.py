@@ -8,10 +8,10 @@ import pytest
 if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM 0.26 is not installed")
 
-from runner_view import vllm_follows_the_glue_runner  # noqa: E402,F401
 from streams import ASYNCBATCH  # noqa: E402
 
 from asyncbatch.sim.engine import build_scheduler  # noqa: E402
+from runner_view import vllm_follows_the_glue_runner  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
 here = os.path.dirname(__file__)
 sys.path[:0] = [here, os.path.join(here, "..", "engine")]
 
-from runner_view import vllm_follows_the_glue_runner  # noqa: E402,F401
-
 from asyncbatch.sim.engine import build_scheduler  # noqa: E402
+from runner_view import vllm_follows_the_glue_runner  # noqa: E402,F401
 
 
 @pytest.fixture
