@@ -153,13 +153,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def abba(variants: list[str], repeats: int) -> list[str]:
-    order: list[str] = []
-    for k in range(repeats):
-        order += variants if k % 2 == 0 else variants[::-1]
-    return order
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -181,12 +174,14 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "plugin"))
     from asyncbatch.bench.models import resolve_model
+    from asyncbatch.bench.stats import abba_order
 
     model = resolve_model(f"dummy:{a.shape}")
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     variants = a.variants.split(",")
-    plan = [(v, {}) for v in abba(variants, a.repeats)]
+    plan: list[tuple[str, dict[str, str]]] = [(v, {}) for v, _ in
+                                              abba_order(variants, a.repeats)]
     if a.sync_check:
         plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
     runs = []

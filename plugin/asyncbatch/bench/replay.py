@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from asyncbatch.bench.variants import variant_settings
 from asyncbatch.bench.workloads import BenchRequest
 from asyncbatch.sim.costmodel import CostModel, StepFeatures, step_features, timeline
 
@@ -29,7 +30,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                    "async_scheduling": True, "max_in_flight": 2},
     # asyncbatch.Worker's third batch in flight: the EngineCore loop runs three deep
     # and the cost model's host chain overlaps two GPU steps (`timeline`)
-    "worker": {"scheduler_cls": "asyncbatch.Scheduler", "settings": {"policy": "fcfs"},
+    "worker": {"scheduler_cls": "asyncbatch.Scheduler",
                "async_scheduling": True, "max_in_flight": 3},
     "full": {"scheduler_cls": "asyncbatch.Scheduler",
              "async_scheduling": True, "max_in_flight": 3},
@@ -76,9 +77,9 @@ def run_variant(variant: str, requests: list[BenchRequest], cost_model: CostMode
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     spec = VARIANTS[variant]
     additional_config = dict(config.additional_config or {})
-    if spec.get("settings"):
-        additional_config["asyncbatch"] = {**additional_config.get("asyncbatch", {}),
-                                           **spec["settings"]}
+    settings = variant_settings(variant, additional_config.get("asyncbatch"))
+    if settings:
+        additional_config["asyncbatch"] = settings
     scheduler = build_scheduler(
         replay_model_dir(), spec["scheduler_cls"], num_blocks=config.num_blocks,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,

@@ -27,6 +27,13 @@ PLUGINS: dict[str, tuple[str | None, str | None]] = {
     "worker": (ASYNCBATCH_SCHEDULER, ASYNCBATCH_WORKER),
     "full": (ASYNCBATCH_SCHEDULER, ASYNCBATCH_WORKER),
 }
+# asyncbatch settings a variant fixes on top of the profile's (GPU runs and replay)
+VARIANT_SETTINGS: dict[str, dict[str, Any]] = {"worker": {"policy": "fcfs"}}
+
+
+def variant_settings(variant: str, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The asyncbatch settings ``variant`` runs with: ``settings`` plus what it fixes."""
+    return {**(settings or {}), **VARIANT_SETTINGS.get(variant, {})}
 
 
 class VariantError(ValueError):
@@ -77,9 +84,7 @@ class EngineProfile:
             args["scheduler_cls"] = scheduler_cls
         if worker_cls:
             args["worker_cls"] = worker_cls
-        settings = dict(self.asyncbatch_config)
-        if variant == "worker":
-            settings["policy"] = "fcfs"
+        settings = variant_settings(variant, self.asyncbatch_config)
         if scheduler_cls and settings:
             args["additional_config"] = {"asyncbatch": settings}
         return args
