@@ -13,7 +13,9 @@ Both use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
 small models) and vLLM's defaults for everything else.  Each run times one
 ``llm.generate`` of random prompts (``--num-prompts`` x ``--input-len`` in /
 ``--output-len`` out, ``ignore_eos``) while a thread samples NVML GPU utilization
-every 50 ms, then generates greedily for a parity set: prompts of mixed lengths
+every 50 ms and the CPU time of every thread of the engine's processes is read
+before and after (vLLM's shared-memory queues poll, so a thread that waits on one
+reads busy too), then generates greedily for a parity set: prompts of mixed lengths
 whose ``max_tokens`` differ, so requests finish at different steps, with prefix
 caching on.  The parent compares the parity tokens of every run with the first
 ``async`` run's and fails on any difference.  ``--sync-check`` adds one run of
@@ -94,6 +96,44 @@ class UtilSampler(threading.Thread):
         return self.samples
 
 
+class ThreadCpu:
+    """CPU seconds of every thread of this process and its descendants (the
+    EngineCore and the workers), read from psutil at two instants: which thread
+    of which process was busy, and how busy, during the timed run."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.start = self._snapshot()
+        self.t0 = time.perf_counter()
+
+    def _snapshot(self) -> dict[tuple[int, int], tuple[str, float]]:
+        me = self.psutil.Process()
+        out = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                name = proc.name()
+                for t in proc.threads():
+                    out[(proc.pid, t.id)] = (name, t.user_time + t.system_time)
+            except self.psutil.Error:
+                continue
+        return out
+
+    def busiest(self, per_process: int = 3) -> list[dict[str, Any]]:
+        """Per process, its ``per_process`` busiest threads as % of one core."""
+        end, wall = self._snapshot(), time.perf_counter() - self.t0
+        by_proc: dict[tuple[int, str], list[float]] = {}
+        for key, (name, cpu) in end.items():
+            busy = cpu - self.start.get(key, (name, 0.0))[1]
+            by_proc.setdefault((key[0], name), []).append(100.0 * busy / wall)
+        rows = [{"pid": pid, "process": name, "threads": len(pcts),
+                 "total_pct": round(sum(pcts), 1),
+                 "busiest_threads_pct": [round(x, 1) for x in sorted(pcts)[::-1][:per_process]]}
+                for (pid, name), pcts in by_proc.items()]
+        return sorted(rows, key=lambda r: -r["total_pct"])
+
+
 def _worker_buffer_depth(worker: Any) -> int:
     from vllm.v1.worker.gpu import buffer_utils
 
@@ -131,9 +171,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         llm.reset_prefix_cache()
         sampler = UtilSampler()
         sampler.start()
+        threads = ThreadCpu()
         t1 = time.perf_counter()
         res = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t1
+        out["host_threads"] = threads.busiest()
         util = sampler.stop()
         n_out = sum(len(r.outputs[0].token_ids) for r in res)
         n_in = sum(len(r.prompt_token_ids or ()) for r in res)
@@ -212,6 +254,9 @@ def main() -> int:
         print(f"[{i}] {variant}{' (sync check)' if sync else ''}: "
               + (f"{tps:,.0f} out tok/s, NVML {r['nvml_util_steady']:.0f}%, "
                  if tps else "") + f"worker buffers {r['worker_buffer_depth']}", flush=True)
+        for row in r.get("host_threads", [])[:4]:
+            print(f"    {row['process']} (pid {row['pid']}): {row['total_pct']:.0f}% CPU, "
+                  f"busiest threads {row['busiest_threads_pct']}", flush=True)
 
     ref = next(r for r in runs if r["variant"] == variants[0])["parity_tokens"]
     mismatches = {}

@@ -53,3 +53,17 @@ def test_entry_point_is_declared():
 
     eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "asyncbatch"]
     assert len(eps) == 1 and eps[0].value == "asyncbatch:register"
+
+
+def test_one_version_in_pyproject_package_and_result_stamps():
+    import re
+    from pathlib import Path
+
+    from asyncbatch.bench.report import environment_stamp
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    declared = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)
+    assert declared and asyncbatch.__version__ == declared.group(1)
+    # result files name the version that ran, also from a checkout on PYTHONPATH
+    stamp = environment_stamp("m", "llama-1b", gpu="none", argv=["replay"])
+    assert stamp["asyncbatch_version"] == asyncbatch.__version__

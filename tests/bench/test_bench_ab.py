@@ -72,7 +72,7 @@ def test_ab_quick_writes_both_parts_and_a_summary_that_links_them(fake, capsys):
     rc, out, err = ab(capsys, fake, "--quick")
     assert rc == 0, err
     # the plan is printed before the first process starts
-    assert "6 engine processes" in err and "4 servers" in err and "(10 starts)" in err
+    assert "6 engine processes" in err and "4 servers" in err and "expected: 16 min" in err
     assert err.index("plan") < err.index("[1/2] offline") < err.index("[2/2] online")
 
     summaries = list(fake.res.glob("ab-llama-1b-*.md"))
@@ -214,10 +214,11 @@ def test_quick_plan_and_its_expected_duration():
                   online_workloads=["replay-kv"], repeats=2, request_rates=[8.0, 32.0],
                   duration_s=15.0, offline_run_s=6.0)
     assert (plan.engine_processes, plan.servers, plan.bench_runs) == (6, 4, 8)
-    # 10 starts; offline 6 x 2 x (6 + 0.5) s; online 8 x (7 + 15 + 1) s
-    assert plan.estimate_s(30.0) == pytest.approx(10 * 30 + 78 + 184)
-    assert "9 min 22 s to 14 min 22 s" in plan.describe()
+    # 6 engines, 4 servers; offline 6 x 2 x (6 + 0.5) s; online 8 x (25 + 15 + 1) s
+    assert plan.estimate_s(30.0, 90.0) == pytest.approx(6 * 30 + 4 * 90 + 78 + 328)
+    # 6 x 45 + 4 x 80 + 406 = 996 s; 6 x 70 + 4 x 150 + 406 = 1426 s
+    assert "16 min 36 s to 23 min 46 s" in plan.describe()
     unknown = AbPlan(model="m", offline_variants=["async"], online_variants=["async"],
                      offline_workloads=["random"], online_workloads=["random"], repeats=2,
                      request_rates=[8.0], duration_s=15.0)
-    assert unknown.estimate_s(30.0) is None and "expected" not in unknown.describe()
+    assert unknown.estimate_s(30.0, 90.0) is None and "expected" not in unknown.describe()

@@ -18,13 +18,16 @@ from typing import Any
 
 from asyncbatch.bench.report import BASELINE, summarize_runs
 
-# Seconds an engine process or a server costs besides its timed runs (imports,
-# torch.compile from vLLM's cache, CUDA graphs, exit), once the cache holds the
-# shape; the first start of a shape compiles and takes longer.
-START_S = (30.0, 60.0)
-# One `vllm bench serve` process besides its timed run: Python and vLLM imports,
-# tokenizer, dataset, the ready-check request.
-BENCH_CLIENT_S = 7.0
+# Seconds a process costs besides its timed runs, (typical, slow), measured on an
+# H100 host with vLLM's compile cache warm for the shape (the first start of a
+# shape compiles and takes longer):
+# - an offline engine: Python and vLLM imports, start-up (12-58 s), warm-up, exit;
+ENGINE_START_S = (45.0, 70.0)
+# - a server: `vllm serve` from launch to a healthy /health (70-146 s), and its exit;
+SERVER_START_S = (80.0, 150.0)
+# - a `vllm bench serve` client besides its timed run: imports, tokenizer, the
+#   dataset (prefix_repetition re-encodes every prompt), the ready-check request.
+BENCH_CLIENT_S = 25.0
 # Warm-up requests, prefix-cache resets and counters of one offline workload.
 OFFLINE_WORKLOAD_OVERHEAD_S = 0.5
 
@@ -58,17 +61,18 @@ class AbPlan:
     def bench_runs(self) -> int:
         return self.servers * len(self.online_workloads) * len(self.request_rates)
 
-    def estimate_s(self, start_s: float) -> float | None:
-        """Expected wall time at ``start_s`` per engine or server start; None when
-        the length of an offline run is not known in advance."""
+    def estimate_s(self, engine_start_s: float, server_start_s: float) -> float | None:
+        """Expected wall time at ``engine_start_s`` per offline engine and
+        ``server_start_s`` per server; None when the length of an offline run is
+        not known in advance."""
         if self.offline_run_s is None or not self.duration_s or any(
                 math.isinf(r) for r in self.request_rates):
             return None
         per_engine = len(self.offline_workloads) * (self.offline_run_s
                                                     + OFFLINE_WORKLOAD_OVERHEAD_S)
         per_bench = BENCH_CLIENT_S + self.duration_s + 1.0  # + the last requests' drain
-        return (self.engine_processes * (start_s + per_engine)
-                + self.servers * start_s + self.bench_runs * per_bench)
+        return (self.engine_processes * (engine_start_s + per_engine)
+                + self.servers * server_start_s + self.bench_runs * per_bench)
 
     def describe(self) -> str:
         """The plan as printed before the run (and kept in the summary)."""
@@ -85,12 +89,14 @@ class AbPlan:
             f"{rates} req/s{length} ({self.bench_runs} vllm bench serve runs in all)",
         ]
         lines += [f"online leaves out {v}: {why}" for v, why in self.online_skipped.items()]
-        lo, hi = (self.estimate_s(s) for s in START_S)
+        lo, hi = (self.estimate_s(e, s) for e, s in zip(ENGINE_START_S, SERVER_START_S,
+                                                         strict=True))
         if lo is not None and hi is not None:
             lines.append(f"expected: {duration_text(lo)} to {duration_text(hi)} at "
-                         f"{START_S[0]:g}-{START_S[1]:g} s per start "
-                         f"({self.engine_processes + self.servers} starts), plus the "
-                         "compilation of a shape's first start when vLLM's cache is cold")
+                         f"{ENGINE_START_S[0]:g}-{ENGINE_START_S[1]:g} s per engine and "
+                         f"{SERVER_START_S[0]:g}-{SERVER_START_S[1]:g} s per server, as "
+                         "measured on an H100 host, plus the compilation of a shape's "
+                         "first start when vLLM's cache is cold")
         return "\n".join(lines)
 
 

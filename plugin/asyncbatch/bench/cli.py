@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "process starts.")
     _common(p, variants="sync,async,asyncbatch", kv_blocks=512, ab=True)
     _gpu_common(p, f"offline {QUICK_OFFLINE_HELP}; online {QUICK_ONLINE_HELP}, without "
-                   f"{', '.join(QUICK_ONLINE_SKIP)}; about 10 engine and server starts")
+                   f"{', '.join(QUICK_ONLINE_SKIP)}; 6 engines and 4 servers, about 17-24 min")
     _offline_options(p)
     _online_options(p)
     p.add_argument("--online-variants",

@@ -154,10 +154,11 @@ def environment_stamp(model: str, model_shape: str | None, gpu: str | None = Non
         vllm_version = metadata.version("vllm")
     except metadata.PackageNotFoundError:
         vllm_version = "not installed"
-    try:
-        asyncbatch_version = metadata.version("asyncbatch")
-    except metadata.PackageNotFoundError:
-        asyncbatch_version = "unknown"
+    # the imported package's own version: also right when it runs from a checkout
+    # on PYTHONPATH (benchmarks/gpu.sh), where no distribution metadata exists
+    import asyncbatch
+
+    asyncbatch_version = asyncbatch.__version__
     return {
         "date": dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
         "command": shlex.join(["asyncbatch-bench", *(sys.argv[1:] if argv is None else argv)]),
