@@ -14,13 +14,18 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
 
     llm = LLM(model=spec["model"], load_format="dummy", seed=0, **spec["engine_args"])
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
-              for m in spec["max_tokens"]]
+    # a prompt with a regex samples under that grammar and may end at EOS
+    regexes = spec.get("regex") or [None] * len(spec["prompts"])
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=r is None,
+                             structured_outputs=StructuredOutputsParams(regex=r) if r else None)
+              for m, r in zip(spec["max_tokens"], regexes, strict=True)]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs]}
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs],
+              "finish_reasons": [o.outputs[0].finish_reason for o in outputs]}
     if spec["engine_args"].get("worker_cls") == "asyncbatch.Worker":
         # what every worker process sized its input buffers for
         result["buffer_depth"] = llm.collective_rpc("asyncbatch_buffer_depth")

@@ -15,15 +15,16 @@ HERE = Path(__file__).parent
 
 
 def generate(tmp_path, name, model, prompts, max_tokens, *, env=None, full=False,
-             **engine_args):
+             regex=None, **engine_args):
     """Greedy outputs of one engine in a fresh process (``full``: the whole run_llm
-    result, with the worker's buffer depth where there is one)."""
+    result, with finish reasons, and the worker's buffer depth where there is one;
+    ``regex``: per prompt, a regex its output must follow, or None)."""
     spec = tmp_path / f"{name}.json"
     out = tmp_path / f"{name}.out.json"
     engine_args.setdefault("gpu_memory_utilization", 0.5)
     engine_args.setdefault("max_model_len", 4096)
     spec.write_text(json.dumps(dict(model=str(model), prompts=prompts, max_tokens=max_tokens,
-                                    engine_args=engine_args)))
+                                    regex=regex, engine_args=engine_args)))
     log = tmp_path / f"{name}.log"
     with open(log, "w") as f:
         rc = subprocess.run([sys.executable, str(HERE / "run_llm.py"), str(spec), str(out)],

@@ -10,6 +10,8 @@ from test_generate import generate, mixed_prompts
 pytestmark = pytest.mark.gpu
 
 PLUGINS = dict(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker")
+# 5, then 7 or 9, repeated: the tokens allowed next depend on the last one
+GRAMMAR = "(t5(t7|t9))+"
 # any host sync inside execute_model / sample_tokens raises
 SYNC_CHECK = {"VLLM_GPU_SYNC_CHECK": "error"}
 
@@ -36,6 +38,31 @@ def test_deep_pipeline_greedy_parity(tmp_path, model, prefix_caching):
                     full=True, **args, **PLUGINS)
     assert ours["buffer_depth"] == [3]  # the worker side of the third batch is in place
     assert_same(stock, ours["outputs"], max_tokens)
+
+
+def test_deep_pipeline_structured_outputs(tmp_path, model):
+    """Requests under a grammar join a running pipeline: the first 16 requests
+    (``max_num_seqs``) are plain, and after them every third samples under a
+    regex whose next allowed tokens depend on the last one (the test tokenizer
+    spells token i "ti": 5, then 7 or 9, then 5 ...), so a bitmask computed from
+    a grammar that has not seen the last token fails. Same tokens and finish
+    reasons as stock, and no grammar error."""
+    prompts, max_tokens = mixed_prompts(n=48, seed=2)
+    regex = [GRAMMAR if i >= 16 and i % 3 == 0 else None for i in range(len(prompts))]
+    args = dict(max_num_seqs=16, distributed_executor_backend="mp")
+    stock = generate(tmp_path, "stock-so", model, prompts, max_tokens, regex=regex,
+                     full=True, **args)
+    ours = generate(tmp_path, "pipelined-so", model, prompts, max_tokens, regex=regex,
+                    env=SYNC_CHECK, full=True, **args, **PLUGINS)
+    assert ours["buffer_depth"] == [3]
+    assert ours["finish_reasons"] == stock["finish_reasons"]
+    assert "error" not in stock["finish_reasons"]
+    assert ours["outputs"] == stock["outputs"]
+    for i, r in enumerate(regex):
+        if r:  # the grammar's tokens, then EOS (1) if the model chose to stop
+            tokens = stock["outputs"][i]
+            body = tokens[:-1] if tokens[-1] == 1 else tokens
+            assert body[0::2] == [5] * len(body[0::2]) and set(body[1::2]) <= {7, 9}
 
 
 @pytest.mark.skipif("num_gpus() < 2", reason="needs two GPUs")

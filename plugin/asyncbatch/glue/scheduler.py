@@ -146,6 +146,32 @@ class Scheduler(AsyncScheduler):
                 self._end_policy_step(out)
             return out
 
+    def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
+        super()._update_after_schedule(scheduler_output)
+        if self.pipeline_depth > 2 and scheduler_output.has_structured_output_requests:
+            self._space_structured_output_steps(scheduler_output)
+
+    def _space_structured_output_steps(self, scheduler_output: SchedulerOutput) -> None:
+        """Keep a request that samples under a grammar out of the next
+        ``pipeline_depth - 2`` steps.
+
+        EngineCore computes a step's grammar bitmask either at once or, when a
+        request still waits on a token of an earlier step, after the oldest step
+        in flight has been processed: so the bitmask is right only if that
+        oldest step is the one such a request waits on. With two batches in
+        flight that always holds; with ``d`` in flight a request scheduled at step
+        ``s`` must not be scheduled again before step ``s + d - 1``, or its
+        bitmask would come from a grammar that has not seen its last token yet.
+        vLLM's own per-request step gate (``next_decode_eligible_step``, which
+        spaces pipeline-parallel decodes) does the skipping.
+        """
+        eligible = self.current_step + self.pipeline_depth - 1
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            if request.use_structured_output and not request.is_prefill_chunk:
+                request.next_decode_eligible_step = max(
+                    request.next_decode_eligible_step, eligible)
+
     def _step_state(self, policy: PrefixGroupingPolicy) -> StepState:
         running: list[tuple[int, int]] = []
         if self.asyncbatch_config.memory_gate and len(self.running) < self.max_num_running_reqs:

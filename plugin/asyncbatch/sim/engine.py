@@ -15,6 +15,7 @@ import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,13 @@ def make_request(
     arrival_time: float | None = None,
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
+    regex: str | None = None,
 ) -> Any:
-    """A vLLM ``Request`` with real block hashes (sha256, vLLM's default)."""
-    from vllm.sampling_params import SamplingParams
+    """A vLLM ``Request`` with real block hashes (sha256, vLLM's default);
+    ``regex`` constrains its output (structured outputs, xgrammar backend).
+    `SimEngine.add_request` starts its grammar's compilation, as vLLM's
+    EngineCore does."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
@@ -160,9 +165,13 @@ def make_request(
         init_none_hash(sha256)
         hasher = _hasher_cache[block_size] = get_request_block_hasher(block_size, sha256)
     params = SamplingParams(
-        max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids
+        max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids,
+        structured_outputs=StructuredOutputsParams(regex=regex) if regex else None,
     )
     params.update_from_generation_config({}, eos_token_id=1)
+    if params.structured_outputs is not None:
+        # what vLLM's input processing picks for a regex on this platform
+        params.structured_outputs._backend = "xgrammar"
     return Request(
         request_id=request_id,
         prompt_token_ids=prompt_token_ids,
@@ -178,6 +187,26 @@ def default_token(request_id: str, index: int, vocab_size: int = 1024) -> int:
     """The simulated model's output token ``index`` of a request (never 0 or 1)."""
     digest = hashlib.blake2b(f"{request_id}:{index}".encode(), digest_size=4).digest()
     return 2 + int.from_bytes(digest, "little") % (vocab_size - 2)
+
+
+def constrained_token(bitmask_row: Any, preferred: int, eos: int = 1) -> int:
+    """What a sampler under a grammar bitmask row (bit ``t`` of the int32 word
+    ``t // 32`` set: token ``t`` allowed) emits: ``preferred`` if allowed, else
+    the smallest allowed token other than ``eos``, else ``eos``."""
+    def allowed(t: int) -> bool:
+        return bool((int(bitmask_row[t // 32]) >> (t % 32)) & 1)
+
+    if allowed(preferred):
+        return preferred
+    for word_index, word in enumerate(bitmask_row):
+        word = int(word) & 0xFFFFFFFF
+        while word:
+            low = word & -word
+            t = word_index * 32 + low.bit_length() - 1
+            if t != eos:
+                return t
+            word ^= low
+    return eos
 
 
 @dataclass
@@ -235,7 +264,8 @@ class SimEngine:
     outputs: dict[str, list[int]] = field(default_factory=dict)
     # request_id -> how it ended
     finished: dict[str, FinishedRequest] = field(default_factory=dict)
-    # (scheduler_output, request ids that sample a token in that step), newest first
+    # (scheduler_output, request ids that sample a token in that step, grammar
+    # bitmask or None), newest first
     in_flight: deque = field(default_factory=deque)
     # the SchedulerOutput made by the last `step`, None if it only completed one
     last_scheduled: Any = None
@@ -246,6 +276,14 @@ class SimEngine:
 
     def add_request(self, request: Any) -> None:
         self.outputs[request.request_id] = []
+        if request.use_structured_output:
+            # EngineCore.add_request starts the grammar's compilation on a thread
+            # pool; the simulation waits for it, so that a run does not depend on
+            # how many steps the compilation happens to take
+            self.scheduler.structured_output_manager.grammar_init(request)
+            pending = request.structured_output_request._grammar
+            if isinstance(pending, Future):
+                pending.exception()
         self.scheduler.add_request(request)
 
     def abort(self, request_ids: Iterable[str]) -> None:
@@ -263,10 +301,14 @@ class SimEngine:
         return bool(self.in_flight) or self.scheduler.has_requests()
 
     def step(self) -> None:
-        """One pass of ``EngineCore.step_with_batch_queue``."""
+        """One pass of ``EngineCore.step_with_batch_queue``, structured outputs
+        included: a step whose requests still wait on an earlier step's token
+        (``pending_structured_output_tokens``) gets its grammar bitmask only after
+        the oldest step in flight has been processed, as EngineCore defers it."""
         scheduler = self.scheduler
         self.last_scheduled = None
         depth = self.max_in_flight or 1
+        deferred = None
         if len(self.in_flight) < depth and scheduler.has_requests():
             out = self.last_scheduled = scheduler.schedule()
             self.stats.num_preemptions += len(out.preempted_req_ids or ())
@@ -276,28 +318,47 @@ class SimEngine:
             ]
             self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
             self.stats.num_empty_steps += out.total_num_scheduled_tokens == 0
-            self.in_flight.appendleft((out, samples))
-            if len(self.in_flight) < depth and scheduler.has_requests():
-                self._after_step()
-                return
+            if out.total_num_scheduled_tokens and out.pending_structured_output_tokens:
+                deferred = (out, samples)
+            else:
+                grammar = self._grammar(out) if out.total_num_scheduled_tokens else None
+                self.in_flight.appendleft((out, samples, grammar))
+                if len(self.in_flight) < depth and scheduler.has_requests():
+                    self._after_step()
+                    return
         if self.in_flight:
-            out, samples = self.in_flight.pop()
-            self._complete(out, samples)
+            out, samples, grammar = self.in_flight.pop()
+            self._complete(out, samples, grammar)
+        if deferred is not None:
+            out, samples = deferred
+            self.in_flight.appendleft((out, samples, self._grammar(out)))
         self._after_step()
 
-    def _complete(self, out: Any, samples: list[str]) -> None:
+    def _grammar(self, out: Any) -> Any:
+        """The step's grammar bitmask, copied: vLLM fills one shared buffer and
+        EngineCore sends it to the workers at once, while here it waits in flight."""
+        grammar = self.scheduler.get_grammar_bitmask(out)
+        if grammar is not None:
+            grammar.grammar_bitmask = grammar.grammar_bitmask.copy()
+        return grammar
+
+    def _complete(self, out: Any, samples: list[str], grammar: Any = None) -> None:
         from vllm.v1.outputs import ModelRunnerOutput
 
         scheduler = self.scheduler
         req_ids = list(out.num_scheduled_tokens)
         sampled: list[list[int]] = [[] for _ in req_ids]
         index = {rid: i for i, rid in enumerate(req_ids)}
+        rows = ({rid: i for i, rid in enumerate(grammar.structured_output_request_ids)}
+                if grammar is not None else {})
         for rid in samples:
             request = scheduler.requests.get(rid)
             if request is None:
                 continue
             n = request.num_output_tokens
             token = 1 if self.stop_at.get(rid) == n else self.token_fn(rid, n)
+            if rid in rows:
+                token = constrained_token(grammar.grammar_bitmask[rows[rid]], token)
             sampled[index[rid]] = [token]
         model_output = ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled
