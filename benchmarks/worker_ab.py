@@ -172,9 +172,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         sampler = UtilSampler()
         sampler.start()
         threads = ThreadCpu()
+        gate = os.environ.get("ASYNCBATCH_STACK_SAMPLES_GATE")
+        if gate:  # the engine's stack samplers count from here ...
+            Path(gate).touch()
         t1 = time.perf_counter()
         res = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t1
+        if gate:  # ... to here
+            Path(gate).unlink()
         out["host_threads"] = threads.busiest()
         util = sampler.stop()
         n_out = sum(len(r.outputs[0].token_ids) for r in res)
@@ -205,6 +210,9 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--sync-check", action="store_true")
+    ap.add_argument("--stacks", action="store_true",
+                    help="sample the main thread's stack of every engine process during the "
+                         "timed run (asyncbatch/bench/stacks.py); adds a little host load")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/worker")
     ap.add_argument("--timeout", type=float, default=600)
     a = ap.parse_args()
@@ -237,10 +245,20 @@ def main() -> int:
         spec_path.write_text(json.dumps(spec))
         log = a.out / f"run-{stamp}-{i:02d}-{variant}{'-synccheck' if sync else ''}.log"
         t0 = time.perf_counter()
+        child_env = {**os.environ, **env}
+        stacks_dir = a.out / f"stacks-{stamp}-{i:02d}-{variant}"
+        if a.stacks and not sync:
+            stacks_dir.mkdir(parents=True, exist_ok=True)
+            child_env.update(
+                ASYNCBATCH_STACK_SAMPLES=str(stacks_dir),
+                ASYNCBATCH_STACK_SAMPLES_GATE=str(stacks_dir / "gate"),
+                PYTHONPATH=os.pathsep.join(
+                    [str(ROOT / "benchmarks/stack_sampling"), str(ROOT / "plugin"),
+                     os.environ.get("PYTHONPATH", "")]))
         with open(log, "w") as f:
             rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
                                 stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout,
-                                env={**os.environ, **env}).returncode
+                                env=child_env).returncode
         spec_path.unlink()
         if rc != 0:
             print(f"run {i} {variant} failed (rc {rc}); log {log}:")
@@ -248,6 +266,10 @@ def main() -> int:
             return 1
         r = json.loads(res_path.read_text())
         res_path.unlink()
+        if a.stacks and not sync:
+            from asyncbatch.bench.stacks import summarize
+
+            r["stacks"] = summarize(stacks_dir)
         r.update(order=i, sync_check=sync, wall_s=time.perf_counter() - t0)
         runs.append(r)
         tps = r.get("output_tok_s")
@@ -257,6 +279,10 @@ def main() -> int:
         for row in r.get("host_threads", [])[:4]:
             print(f"    {row['process']} (pid {row['pid']}): {row['total_pct']:.0f}% CPU, "
                   f"busiest threads {row['busiest_threads_pct']}", flush=True)
+        for row in r.get("stacks", []):
+            print(f"    {row['process']}: {row['samples']} stack samples; leaf "
+                  + ", ".join(f"{k} {v}%" for k, v in list(row["leaf_pct"].items())[:6]),
+                  flush=True)
 
     ref = next(r for r in runs if r["variant"] == variants[0])["parity_tokens"]
     mismatches = {}
