@@ -60,7 +60,7 @@ class StackSampler(threading.Thread):
         self.interval_s = interval_s
         self.dump_every_s = dump_every_s
         self.max_depth = max_depth
-        self.thread_id = thread_id or threading.main_thread().ident
+        self.thread_id: int = thread_id or threading.main_thread().ident or 0
         self.gate = Path(gate) if gate else None
         self.samples = 0
         self.inclusive: Counter[str] = Counter()
