@@ -87,6 +87,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         llm.reset_prefix_cache()
         num_in = sum(len(o.prompt_token_ids or ()) for o in outputs)
         num_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        # per request, the prompt tokens found in the cache when it was first
+        # admitted; vLLM's counters below count every lookup, also the repeated
+        # ones of a request at the head of the queue that did not fit yet
+        cached = sum(o.num_cached_tokens or 0 for o in outputs)
         hits = after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"]
         queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
         n = len(outputs)
@@ -106,6 +110,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             "prefix_cache_hits": hits,
             "prefix_cache_queries": queries,
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "prompt_cached_tokens": cached,
+            "prompt_cached_rate": cached / num_in if num_in else 0.0,
         })
     # wall clock, so the parent can tell the process's exit time from its start
     return {"startup_s": startup_s, "gpu": gpu, "effective_config": effective,

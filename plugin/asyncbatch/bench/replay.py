@@ -152,6 +152,8 @@ def run_variant(variant: str, requests: list[BenchRequest], cost_model: CostMode
         "prefix_cache_hits": stats.prefix_cache_hits,
         "prefix_cache_queries": stats.prefix_cache_queries,
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        "prompt_cached_tokens": stats.admitted_cached_tokens,
+        "prompt_cached_rate": stats.prompt_cached_rate,
         "num_steps": len(steps),
         "num_computed_prompt_tokens": stats.num_computed_prompt_tokens,
         "mean_e2el_ms": sum(e2els) / len(e2els),

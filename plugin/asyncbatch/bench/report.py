@@ -4,8 +4,10 @@
 A run is a flat dict with vLLM's benchmark keys (``elapsed_time``,
 ``request_throughput``, ``output_throughput``, ``total_token_throughput``,
 ``requests_per_second``, ``tokens_per_second``, ``median_ttft_ms`` ...) plus
-``variant``, ``repeat``, ``workload``, ``num_preemptions`` and
-``prefix_cache_hit_rate``.
+``variant``, ``repeat``, ``workload``, ``num_preemptions``,
+``prefix_cache_hit_rate`` (vLLM's counters: every lookup, also repeated ones of a
+request that did not fit) and ``prompt_cached_rate`` (per request, the prompt
+tokens the cache held at its first admission; offline and replay only).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ THROUGHPUT_METRICS = [
     Metric("elapsed_time", "wall s", False, 2),
     Metric("num_preemptions", "preemptions", False, 0),
     Metric("prefix_cache_hit_rate", "prefix hit %", True, 1),
+    Metric("prompt_cached_rate", "cached prompt %", True, 1),
 ]
+# shares, printed as percentages
+PERCENT_METRICS = ("prefix_cache_hit_rate", "prompt_cached_rate")
 LATENCY_METRICS = [
     Metric("median_ttft_ms", "TTFT p50 ms", False),
     Metric("p99_ttft_ms", "TTFT p99 ms", False),
@@ -142,7 +147,7 @@ def _summary(runs: list[dict[str, Any]] | None, key: str) -> Summary | None:
 
 
 def _fmt(s: Summary, m: Metric) -> str:
-    if m.key == "prefix_cache_hit_rate":
+    if m.key in PERCENT_METRICS:
         s = Summary(s.median * 100, s.min * 100, s.max * 100, s.n)
     return s.fmt(m.digits)
 

@@ -220,12 +220,26 @@ class SimStats:
     prefix_cache_hits: int = 0
     # largest number of blocks in use at the end of a step
     max_blocks_in_use: int = 0
+    # prompt tokens of the requests that produced a first token, and how many of
+    # them the prefix cache held when each request was first admitted (vLLM's
+    # per-request prefill stats, which RequestOutput.num_cached_tokens reports):
+    # each request counted once, unlike the queries above, which count every
+    # lookup, also of a request that then did not fit and was looked up again
+    admitted_prompt_tokens: int = 0
+    admitted_cached_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         if not self.prefix_cache_queries:
             return 0.0
         return self.prefix_cache_hits / self.prefix_cache_queries
+
+    @property
+    def prompt_cached_rate(self) -> float:
+        """Share of the prompt tokens found in the prefix cache at admission."""
+        if not self.admitted_prompt_tokens:
+            return 0.0
+        return self.admitted_cached_tokens / self.admitted_prompt_tokens
 
     @property
     def num_computed_prompt_tokens(self) -> int:
@@ -370,6 +384,9 @@ class SimEngine:
                 self.stats.prefix_cache_queries += pcs.queries
                 self.stats.prefix_cache_hits += pcs.hits
             for o in eco.outputs:
+                if o.prefill_stats is not None:
+                    self.stats.admitted_prompt_tokens += o.prefill_stats.num_prompt_tokens
+                    self.stats.admitted_cached_tokens += o.prefill_stats.num_cached_tokens
                 self.outputs[o.request_id].extend(o.new_token_ids)
                 if o.finish_reason is not None:
                     self.finished[o.request_id] = FinishedRequest(
