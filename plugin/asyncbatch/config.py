@@ -116,12 +116,14 @@ class AsyncBatchConfig(BaseModel):
         description=(
             "Batches in flight between the scheduler and the GPU. vLLM's async scheduling "
             "keeps 2; 3 lets the worker prepare a step while the two before it are queued "
-            "on the GPU, which hides host latency for small models. Unset (null): 3 where "
+            "on the GPU, to hide host latency for small models (H100, Llama-1B shape: 1.04x "
+            "over 20 runs, within noise so far). Unset (null): 3 where "
             "it is supported (--worker-cls asyncbatch.Worker, which sizes the worker's input "
             "buffers to the depth; the V2 model runner; no pipeline parallelism; no "
             "speculative decoding; no sliding-window or chunked-local attention), else 2. "
             "A value above 2 where it is not supported is an error. A request may compute "
-            "one token past its end, which is discarded."
+            "one token past its end, which is discarded; a request under a grammar "
+            "(structured outputs) keeps the cadence of 2."
         ),
     )
 

@@ -5,8 +5,8 @@
 the baseline of every ratio), ``asyncbatch`` swaps in the scheduler (its policy,
 two batches in flight).  ``worker`` adds ``asyncbatch.Worker`` and so a third
 batch in flight, with the scheduler's pass-through ``fcfs`` policy, so that only
-the pipeline depth differs from ``async``; ``full`` is the product as shipped
-(prefix policy, three batches in flight).  Together they tell apart the policy's
+the pipeline depth differs from ``async``; ``full`` is both plugins (prefix
+policy, three batches in flight).  Together they tell apart the policy's
 and the pipeline's share of a difference.
 """
 
