@@ -246,12 +246,13 @@ def run_online(model: ModelSpec, workloads: list[tuple[str, Workload]], variants
                         before = scrape_counters(p)
                         name = f"{label}-rate{rate:g}-{variant}-{k}"
                         result_path = raw_dir / f"{name}.json"
-                        cmd_b = bench_cmd(model, p, ds[run_key(label, rate)], request_rate=rate,
+                        key = run_key(label, rate)
+                        cmd_b = bench_cmd(model, p, ds[key], request_rate=rate,
                                           max_concurrency=max_concurrency,
                                           result_dir=raw_dir, result_filename=result_path.name,
                                           label=f"{variant}-{label}")
-                        timeout_s = run_timeout(sized[run_key(label, rate)].num_requests,
-                                                rate, bench_timeout_s, stall_slack_s)
+                        timeout_s = run_timeout(sized[key].num_requests, rate,
+                                                bench_timeout_s, stall_slack_s)
                         res = run_bench(cmd_b, work_dir / f"bench-{name}.log", result_path,
                                         timeout_s)
                         after = scrape_counters(p)

@@ -19,6 +19,7 @@ from typing import Any
 
 from asyncbatch.bench.variants import variant_settings
 from asyncbatch.bench.workloads import BenchRequest
+from asyncbatch.glue.pipeline import AUTO_DEPTH
 from asyncbatch.sim.costmodel import CostModel, StepFeatures, step_features, timeline
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -31,9 +32,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # asyncbatch.Worker's third batch in flight: the EngineCore loop runs three deep
     # and the cost model's host chain overlaps two GPU steps (`timeline`)
     "worker": {"scheduler_cls": "asyncbatch.Scheduler",
-               "async_scheduling": True, "max_in_flight": 3},
+               "async_scheduling": True, "max_in_flight": AUTO_DEPTH},
     "full": {"scheduler_cls": "asyncbatch.Scheduler",
-             "async_scheduling": True, "max_in_flight": 3},
+             "async_scheduling": True, "max_in_flight": AUTO_DEPTH},
 }
 DEFAULT_CALIBRATION = "h100-llama-8b.json"
 

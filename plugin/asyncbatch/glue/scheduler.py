@@ -19,7 +19,12 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
-from asyncbatch.glue.pipeline import apply_depth, has_depth_setting, install_depth_override
+from asyncbatch.glue.pipeline import (
+    STOCK_DEPTH,
+    apply_depth,
+    has_depth_setting,
+    install_depth_override,
+)
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.policy import make_policy
 from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
@@ -148,7 +153,8 @@ class Scheduler(AsyncScheduler):
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         super()._update_after_schedule(scheduler_output)
-        if self.pipeline_depth > 2 and scheduler_output.has_structured_output_requests:
+        if (self.pipeline_depth > STOCK_DEPTH
+                and scheduler_output.has_structured_output_requests):
             self._space_structured_output_steps(scheduler_output)
 
     def _space_structured_output_steps(self, scheduler_output: SchedulerOutput) -> None:
