@@ -8,6 +8,10 @@ Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order):
 - ``async``: stock vLLM 0.26, async scheduling, two batches in flight.
 - ``depth3``: ``asyncbatch.Scheduler`` (pass-through ``fcfs`` policy, so only the
   depth differs) + ``asyncbatch.Worker`` + ``pipeline_depth`` 3.
+- ``depth3-cg512``: ``depth3`` with ``cuda_graph_max_tokens`` 0, i.e. vLLM's own
+  CUDA-graph ceiling (``depth3`` raises it to the largest decode batch).
+- a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
+  to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 
 Both use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
 small models) and vLLM's defaults for everything else.  Each run times one
@@ -43,11 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def engine_args(variant: str) -> dict[str, Any]:
     args: dict[str, Any] = {"distributed_executor_backend": "mp", "seed": 0}
+    variant, _, graphs = variant.partition("+cg")
+    if graphs:  # e.g. async+cg1024: CUDA graphs captured up to 1024 tokens (vLLM: 512)
+        args["compilation_config"] = {"max_cudagraph_capture_size": int(graphs)}
     if variant.startswith("depth"):
-        depth = int(variant.removeprefix("depth"))
+        depth = variant.removeprefix("depth").removesuffix("-cg512")
+        settings: dict[str, Any] = {"policy": "fcfs", "pipeline_depth": int(depth)}
+        if variant.endswith("-cg512"):
+            settings["cuda_graph_max_tokens"] = 0
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
-                    additional_config={"asyncbatch": {"policy": "fcfs",
-                                                      "pipeline_depth": depth}})
+                    additional_config={"asyncbatch": settings})
     elif variant == "full3":
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": {"pipeline_depth": 3}})
@@ -140,6 +149,10 @@ def _worker_buffer_depth(worker: Any) -> int:
     return int(buffer_utils._DEFAULT_MAX_CONCURRENCY)
 
 
+def _worker_graph_ceiling(worker: Any) -> int:
+    return int(worker.vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "plugin"))
     # collective_rpc of a local function (the buffer-depth probe) goes by pickle
@@ -160,6 +173,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
     # what the worker processes actually built (round-robin input buffers per pool)
     out["worker_buffer_depth"] = llm.collective_rpc(_worker_buffer_depth)
+    # ... and the largest batch, in tokens, they run as a CUDA graph
+    out["worker_cuda_graph_max_tokens"] = llm.collective_rpc(_worker_graph_ceiling)
     rng = random.Random(0)
     n, lin, lout = spec["num_prompts"], spec["input_len"], spec["output_len"]
     if n:
@@ -275,7 +290,8 @@ def main() -> int:
         tps = r.get("output_tok_s")
         print(f"[{i}] {variant}{' (sync check)' if sync else ''}: "
               + (f"{tps:,.0f} out tok/s, NVML {r['nvml_util_steady']:.0f}%, "
-                 if tps else "") + f"worker buffers {r['worker_buffer_depth']}", flush=True)
+                 if tps else "") + f"worker buffers {r['worker_buffer_depth']}, CUDA graphs up to "
+              f"{r['worker_cuda_graph_max_tokens']} tokens", flush=True)
         for row in r.get("host_threads", [])[:4]:
             print(f"    {row['process']} (pid {row['pid']}): {row['total_pct']:.0f}% CPU, "
                   f"busiest threads {row['busiest_threads_pct']}", flush=True)

@@ -18,6 +18,11 @@ output copy, on its own stream and thread.
 
 It refuses, at start-up and with every reason, a configuration in which the
 deeper pipeline would be unsafe (see `asyncbatch.glue.pipeline`).
+
+It also captures CUDA graphs for full decode batches (``cuda_graph_max_tokens``,
+see `asyncbatch.glue.graphs`): vLLM's default ceiling of 512 tokens sends a decode
+step of more running requests than that through piecewise launches from Python,
+which is what a small model's GPU waits for.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu_worker import Worker as VllmWorker
 
 from asyncbatch._compat import check_vllm_version
+from asyncbatch.glue.graphs import apply_graph_ceiling
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
     apply_depth,
@@ -55,6 +61,8 @@ class Worker(VllmWorker):
         check_vllm_version()
         super().__init__(*args, **kwargs)
         self.pipeline_depth = apply_depth(self.vllm_config)
+        # before init_device builds the model runner, which reads the capture sizes
+        self.cuda_graph_max_tokens = apply_graph_ceiling(self.vllm_config)
 
     def init_device(self) -> None:
         super().init_device()
@@ -65,8 +73,9 @@ class Worker(VllmWorker):
                 raise PipelineBuffersTooFew(
                     f"asyncbatch: the model runner sized its input buffers for {pools} "
                     f"batches in flight, but pipeline_depth is {self.pipeline_depth}")
-        logger.info("asyncbatch worker: %s.%s, %d batches in flight", runner.__module__,
-                    runner.__qualname__, self.vllm_config.max_concurrent_batches)
+        logger.info("asyncbatch worker: %s.%s, %d batches in flight, CUDA graphs up to %d "
+                    "tokens", runner.__module__, runner.__qualname__,
+                    self.vllm_config.max_concurrent_batches, self.cuda_graph_max_tokens)
 
     def asyncbatch_buffer_depth(self) -> int:
         """Batches in flight this worker's input buffers are sized for (for
@@ -75,6 +84,12 @@ class Worker(VllmWorker):
         if not runs_v2_model_runner(self.vllm_config):
             return 0
         return pipeline_buffer_count()
+
+
+    def asyncbatch_cuda_graph_max_tokens(self) -> int:
+        """The largest batch, in tokens, this worker runs as a CUDA graph (0: none);
+        for ``LLM.collective_rpc("asyncbatch_cuda_graph_max_tokens")``."""
+        return int(self.vllm_config.compilation_config.max_cudagraph_capture_size or 0)
 
 
 def pipeline_buffer_count() -> int:

@@ -80,3 +80,26 @@ def test_sitecustomize_samples_every_process_started_with_the_environment(tmp_pa
     (path,) = tmp_path.glob("stacks-*.json")
     data = json.loads(path.read_text())
     assert data["inclusive"].get("<string>:busy_child", 0) > 0.1 * data["samples"]
+
+
+def test_sitecustomize_samples_forked_children_too(tmp_path):
+    """vLLM forks its EngineCore and worker processes; a thread does not survive
+    fork(), so each child must start its own sampler."""
+    code = ("import os, time\n"
+            "def busy_forked_child():\n"
+            "    end = time.perf_counter() + 0.5\n"
+            "    while time.perf_counter() < end: pass\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    busy_forked_child(); time.sleep(2.5); os._exit(0)\n"
+            "os.waitpid(pid, 0)\n")
+    env = {**os.environ, "ASYNCBATCH_STACK_SAMPLES": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
+                                          str(ROOT / "plugin")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+    assert proc.returncode == 0
+    files = sorted(tmp_path.glob("stacks-*.json"))
+    assert len(files) == 2, files  # the parent's and the child's
+    child = [json.loads(p.read_text()) for p in files]
+    seen = [d for d in child if "<string>:busy_forked_child" in d["inclusive"]]
+    assert len(seen) == 1 and seen[0]["inclusive"]["<string>:busy_forked_child"] > 10

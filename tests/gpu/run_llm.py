@@ -29,6 +29,8 @@ def main() -> None:
     if spec["engine_args"].get("worker_cls") == "asyncbatch.Worker":
         # what every worker process sized its input buffers for
         result["buffer_depth"] = llm.collective_rpc("asyncbatch_buffer_depth")
+        # ... and the largest batch, in tokens, each runs as a CUDA graph
+        result["cuda_graph_max_tokens"] = llm.collective_rpc("asyncbatch_cuda_graph_max_tokens")
     Path(sys.argv[2]).write_text(json.dumps(result))
 
 

@@ -77,6 +77,28 @@ def test_deep_pipeline_greedy_parity_tp2(tmp_path, model):
     assert_same(stock, ours["outputs"], max_tokens)
 
 
+def test_decode_batches_past_vllms_graph_ceiling(tmp_path, model):
+    """640 requests decode together: past vLLM's default CUDA-graph ceiling (512
+    tokens), so stock vLLM runs those steps piecewise, and the worker raises the
+    ceiling to 640 to run them as graphs. Greedy tokens equal stock vLLM's with the
+    same ceiling set by hand (the graphs, and so the padded shapes, are the same)."""
+    import random
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(2, 30000) for _ in range(rng.randrange(8, 48))]
+               for _ in range(640)]
+    max_tokens = [rng.randrange(4, 40) for _ in prompts]
+    args = dict(max_num_seqs=640, max_num_batched_tokens=16384,
+                distributed_executor_backend="mp")
+    stock = generate(tmp_path, "stock-cg640", model, prompts, max_tokens,
+                     compilation_config={"max_cudagraph_capture_size": 640}, **args)
+    ours = generate(tmp_path, "pipelined-cg", model, prompts, max_tokens, env=SYNC_CHECK,
+                    full=True, **args, **PLUGINS)
+    assert ours["cuda_graph_max_tokens"] == [640]
+    assert ours["buffer_depth"] == [3]
+    assert_same(stock, ours["outputs"], max_tokens)
+
+
 def test_v1_runner_refuses_an_explicit_deep_pipeline(tmp_path, model):
     with pytest.raises(subprocess.CalledProcessError):
         generate(tmp_path, "v1", model, [[5, 6, 7]], [2],

@@ -10,7 +10,8 @@ that never releases it is seen at the interpreter's switch interval (5 ms by
 default); blocking calls (a queue wait, a CUDA sync) release it and are seen
 as they happen.
 
-`start_from_env` starts one when ``ASYNCBATCH_STACK_SAMPLES`` names a folder,
+`start_from_env` starts one when ``ASYNCBATCH_STACK_SAMPLES`` names a folder, and
+a new one in every child this process forks,
 sampling only while the file named by ``ASYNCBATCH_STACK_SAMPLES_GATE`` exists
 (when that is set), so that start-up is left out;
 ``benchmarks/stack_sampling/sitecustomize.py`` calls it in every Python process
@@ -122,8 +123,15 @@ def start_from_env() -> StackSampler | None:
     out_dir = os.environ.get(ENV)
     if not out_dir:
         return None
-    sampler = StackSampler(out_dir, gate=os.environ.get(GATE_ENV) or None)
+    gate = os.environ.get(GATE_ENV) or None
+    sampler = StackSampler(out_dir, gate=gate)
     sampler.start()
+
+    def restart_in_child() -> None:
+        # threads do not survive fork(); vLLM forks its EngineCore and worker processes
+        StackSampler(out_dir, gate=gate).start()
+
+    os.register_at_fork(after_in_child=restart_in_child)
     return sampler
 
 
