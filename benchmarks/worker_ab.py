@@ -249,7 +249,8 @@ def main() -> int:
                                               abba_order(variants, a.repeats)]
     if a.sync_check:
         plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
-    runs = []
+    runs: list[dict[str, Any]] = []
+    path = a.out / f"worker-ab-{a.shape}-{stamp}.json"
     for i, (variant, env) in enumerate(plan):
         spec_path = a.out / f".spec-{stamp}-{i}.json"
         res_path = a.out / f".res-{stamp}-{i}.json"
@@ -278,6 +279,9 @@ def main() -> int:
         if rc != 0:
             print(f"run {i} {variant} failed (rc {rc}); log {log}:")
             print("".join(log.read_text().splitlines(True)[-40:]))
+            if runs:
+                write_result(path, a, variants, runs, complete=False)
+                print("wrote the finished runs to", path)
             return 1
         r = json.loads(res_path.read_text())
         res_path.unlink()
@@ -287,6 +291,7 @@ def main() -> int:
             r["stacks"] = summarize(stacks_dir)
         r.update(order=i, sync_check=sync, wall_s=time.perf_counter() - t0)
         runs.append(r)
+        write_result(path, a, variants, runs, complete=False)
         tps = r.get("output_tok_s")
         print(f"[{i}] {variant}{' (sync check)' if sync else ''}: "
               + (f"{tps:,.0f} out tok/s, NVML {r['nvml_util_steady']:.0f}%, "
@@ -300,24 +305,40 @@ def main() -> int:
                   + ", ".join(f"{k} {v}%" for k, v in list(row["leaf_pct"].items())[:6]),
                   flush=True)
 
-    ref = next(r for r in runs if r["variant"] == variants[0])["parity_tokens"]
+    doc = write_result(path, a, variants, runs, complete=True)
+    print(json.dumps(doc["summary"], indent=1))
+    mismatches = doc["parity_mismatches"]
+    print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
+    print("wrote", path)
+    return 1 if mismatches else 0
+
+
+def write_result(path: Path, a: argparse.Namespace, variants: list[str],
+                 runs: list[dict[str, Any]], *, complete: bool) -> dict[str, Any]:
+    """Write what the runs so far measured; called after every run, so a command cut
+    short (a machine taken back, a failed run) keeps its finished runs
+    (``"complete": false``)."""
+    ref = next((r["parity_tokens"] for r in runs if r["variant"] == variants[0]), None)
     mismatches = {}
     for r in runs:
-        bad = [j for j, (x, y) in enumerate(zip(ref, r["parity_tokens"], strict=True))
+        bad = [j for j, (x, y) in enumerate(zip(ref or [], r["parity_tokens"], strict=True))
                if x != y]
         if bad:
             mismatches[f"{r['order']}-{r['variant']}"] = bad
     summary: dict[str, Any] = {}
     for v in variants:
         xs = [r for r in runs if r["variant"] == v and not r["sync_check"]]
+        if not xs:
+            continue
         tps = sorted(r["output_tok_s"] for r in xs)
         util = [r["nvml_util_steady"] for r in xs]
-        summary[v] = {"output_tok_s_median": statistics.median(tps),
+        summary[v] = {"runs": len(xs), "output_tok_s_median": statistics.median(tps),
                       "output_tok_s_range": [tps[0], tps[-1]],
                       "nvml_util_steady_median": statistics.median(util)}
-    base = summary[variants[0]]["output_tok_s_median"]
-    for v in variants:
-        summary[v]["ratio_vs_" + variants[0]] = summary[v]["output_tok_s_median"] / base
+    if variants[0] in summary:
+        base = summary[variants[0]]["output_tok_s_median"]
+        for row in summary.values():
+            row["ratio_vs_" + variants[0]] = row["output_tok_s_median"] / base
     import torch
 
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -325,15 +346,10 @@ def main() -> int:
            "shape": a.shape, "workload": {"num_prompts": a.num_prompts,
                                           "input_len": a.input_len,
                                           "output_len": a.output_len},
-           "summary": summary, "parity_mismatches": mismatches,
+           "complete": complete, "summary": summary, "parity_mismatches": mismatches,
            "runs": [{k: v for k, v in r.items() if k != "parity_tokens"} for r in runs]}
-    path = a.out / f"worker-ab-{a.shape}-{stamp}.json"
     path.write_text(json.dumps(doc, indent=1))
-    print(json.dumps(summary, indent=1))
-    print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
-    print("wrote", path)
-    return 1 if mismatches else 0
-
+    return doc
 
 if __name__ == "__main__":
     sys.exit(main())

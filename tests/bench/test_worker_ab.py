@@ -1,0 +1,59 @@
+# SPDX-License-Identifier: Apache-2.0
+"""benchmarks/worker_ab.py without a GPU: its variants and its result file."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def worker_ab():
+    spec = importlib.util.spec_from_file_location("worker_ab", ROOT / "benchmarks/worker_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants(worker_ab):
+    assert worker_ab.engine_args("async") == {"distributed_executor_backend": "mp", "seed": 0}
+    deep = worker_ab.engine_args("depth3")
+    assert deep["worker_cls"] == "asyncbatch.Worker"
+    assert deep["additional_config"] == {"asyncbatch": {"policy": "fcfs", "pipeline_depth": 3}}
+    vllm_graphs = worker_ab.engine_args("depth2-cg512")["additional_config"]["asyncbatch"]
+    assert vllm_graphs == {"policy": "fcfs", "pipeline_depth": 2, "cuda_graph_max_tokens": 0}
+    stock_graphs = worker_ab.engine_args("async+cg1024")
+    assert stock_graphs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
+    assert "worker_cls" not in stock_graphs
+    with pytest.raises(SystemExit, match="unknown variant"):
+        worker_ab.engine_args("sync")
+
+
+def run(order, variant, tps, tokens, sync=False):
+    return {"order": order, "variant": variant, "output_tok_s": tps, "nvml_util_steady": 70.0,
+            "sync_check": sync, "parity_tokens": tokens}
+
+
+def test_result_is_written_after_every_run(worker_ab, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "test GPU")
+    a = argparse.Namespace(shape="llama-1b", num_prompts=10, input_len=4, output_len=2)
+    path = tmp_path / "r.json"
+    variants = ["async", "depth3"]
+    runs = [run(0, "async", 100.0, [[1, 2]]), run(1, "depth3", 120.0, [[1, 3]])]
+    doc = worker_ab.write_result(path, a, variants, runs[:1], complete=False)
+    assert json.loads(path.read_text()) == doc
+    assert not doc["complete"] and list(doc["summary"]) == ["async"]
+    assert doc["summary"]["async"]["ratio_vs_async"] == 1.0
+
+    runs.append(run(2, "depth3", 140.0, [[1, 2]]))
+    doc = worker_ab.write_result(path, a, variants, runs, complete=True)
+    assert doc["complete"] and doc["summary"]["depth3"]["runs"] == 2
+    assert doc["summary"]["depth3"]["ratio_vs_async"] == pytest.approx(1.3)
+    assert doc["parity_mismatches"] == {"1-depth3": [0]}  # the one run whose tokens differ
+    assert all("parity_tokens" not in r for r in doc["runs"])
