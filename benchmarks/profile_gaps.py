@@ -19,6 +19,10 @@ gaps, idle per step, the host range that overlaps each gap) and writes
 
     PYTHONPATH=$PWD/plugin:$PYTHONPATH python benchmarks/profile_gaps.py \\
         --shapes llama-1b,llama-8b --executor mp,default
+
+``--engine-args JSON`` adds ``vllm.LLM`` arguments to every run: the asyncbatch
+worker, or stock with a CUDA-graph ceiling above 512 (``max_num_seqs`` is the
+number of requests, at most 1024).
 """
 
 from __future__ import annotations
@@ -173,6 +177,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         gpu_memory_utilization=spec["gpu_memory_utilization"], seed=0,
         profiler_config=profiler_config,
     )
+    kwargs.update(spec.get("engine_args") or {})
     if spec["executor"] != "default":
         kwargs["distributed_executor_backend"] = spec["executor"]
     log(f"{spec['shape']}/{spec['executor']}: building LLM {kwargs}")
@@ -305,6 +310,7 @@ def run_one(args: argparse.Namespace, shape: str, executor: str, timeout_s: floa
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "profile_delay": delay, "profile_steps": steps,
         "trace_dir": str(run_dir / "traces"), "out": str(run_dir / "child.json"),
+        "engine_args": args.engine_args,
     }
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -389,7 +395,8 @@ def write_summary(args: argparse.Namespace, stamp: str, runs: list[dict[str, Any
                             "of its decode steps analysed",
                  "gpu": next((r.get("gpu") for r in runs if r.get("gpu")), "?"),
                  "vllm": next((r.get("vllm") for r in runs if r.get("vllm")), "?"),
-                 "torch": next((r.get("torch") for r in runs if r.get("torch")), "?")},
+                 "torch": next((r.get("torch") for r in runs if r.get("torch")), "?"),
+                 "engine_args": json.dumps(args.engine_args) if args.engine_args else "-"},
         "runs": runs, "notes": notes,
     }
     out = Path(args.result_dir)
@@ -420,8 +427,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip runs that would not finish within this many seconds in all")
     p.add_argument("--result-dir", default=str(ROOT / "benchmarks/results/profile"))
+    p.add_argument("--engine-args", type=engine_args_json, default={},
+                   help="JSON object of more vllm.LLM arguments for every run, e.g. "
+                        '\'{"compilation_config": {"max_cudagraph_capture_size": 1024}}\' or '
+                        '\'{"scheduler_cls": "asyncbatch.Scheduler", '
+                        '"worker_cls": "asyncbatch.Worker"}\'')
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def engine_args_json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,3 +128,19 @@ def test_without_step_annotations_uses_middle_of_active_span(tmp_path: Path) -> 
 def test_no_gpu_events_is_an_error() -> None:
     with pytest.raises(ValueError, match="no GPU events"):
         analyze_trace({"traceEvents": [_x(DECODE, "user_annotation", 0, 1, HOST)]})
+
+
+def test_profile_gaps_engine_args_must_be_a_json_object(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks/profile_gaps.py"
+    spec = importlib.util.spec_from_file_location("profile_gaps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--engine-args", '{"worker_cls": "asyncbatch.Worker"}'])
+    assert args.engine_args == {"worker_cls": "asyncbatch.Worker"}
+    assert module.parse_args([]).engine_args == {}
+    for bad in ("[1]", "{worker_cls"):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--engine-args", bad])
+        assert "--engine-args" in capsys.readouterr().err
