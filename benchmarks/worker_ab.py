@@ -149,6 +149,19 @@ def _worker_buffer_depth(worker: Any) -> int:
     return int(buffer_utils._DEFAULT_MAX_CONCURRENCY)
 
 
+def _worker_allocator_stats(worker: Any) -> dict[str, int]:
+    """The worker's CUDA caching-allocator counters. ``num_alloc_retries`` counts
+    allocations that failed, emptied the cache (``cudaFree``, which waits for the
+    device) and tried again: a host stall inside a step that the sync check does
+    not see."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free",
+            "reserved_bytes.all.peak", "allocated_bytes.all.peak")
+    return {k: int(stats.get(k, 0)) for k in keys}
+
+
 def _worker_graph_ceiling(worker: Any) -> int:
     return int(worker.vllm_config.compilation_config.max_cudagraph_capture_size or 0)
 
@@ -184,6 +197,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         llm.generate(prompts[:16], SamplingParams(max_tokens=8, ignore_eos=True),
                      use_tqdm=False)
         llm.reset_prefix_cache()
+        allocator_before = llm.collective_rpc(_worker_allocator_stats)
         sampler = UtilSampler()
         sampler.start()
         threads = ThreadCpu()
@@ -197,6 +211,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             Path(gate).unlink()
         out["host_threads"] = threads.busiest()
         util = sampler.stop()
+        # allocator activity during the timed call, per worker
+        out["worker_allocator"] = [
+            {k: after[k] - before[k] if k.startswith("num_") else after[k] for k in after}
+            for before, after in zip(allocator_before,
+                                     llm.collective_rpc(_worker_allocator_stats), strict=True)]
         n_out = sum(len(r.outputs[0].token_ids) for r in res)
         n_in = sum(len(r.prompt_token_ids or ()) for r in res)
         # the first and last 10% of samples are ramp-up and tail
@@ -297,6 +316,10 @@ def main() -> int:
               + (f"{tps:,.0f} out tok/s, NVML {r['nvml_util_steady']:.0f}%, "
                  if tps else "") + f"worker buffers {r['worker_buffer_depth']}, CUDA graphs up to "
               f"{r['worker_cuda_graph_max_tokens']} tokens", flush=True)
+        for row in r.get("worker_allocator", []):
+            print(f"    worker allocator during the timed call: {row['num_alloc_retries']} "
+                  f"retries (cache emptied), {row['num_device_alloc']} cudaMalloc, "
+                  f"{row['num_device_free']} cudaFree", flush=True)
         for row in r.get("host_threads", [])[:4]:
             print(f"    {row['process']} (pid {row['pid']}): {row['total_pct']:.0f}% CPU, "
                   f"busiest threads {row['busiest_threads_pct']}", flush=True)

@@ -57,3 +57,13 @@ def test_result_is_written_after_every_run(worker_ab, tmp_path, monkeypatch):
     assert doc["summary"]["depth3"]["ratio_vs_async"] == pytest.approx(1.3)
     assert doc["parity_mismatches"] == {"1-depth3": [0]}  # the one run whose tokens differ
     assert all("parity_tokens" not in r for r in doc["runs"])
+
+
+def test_allocator_probe_reads_torch_counters(worker_ab, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "memory_stats",
+                        lambda: {"num_alloc_retries": 3, "num_device_alloc": 40, "other": 1})
+    stats = worker_ab._worker_allocator_stats(None)
+    assert stats["num_alloc_retries"] == 3 and stats["num_device_alloc"] == 40
+    assert stats["num_ooms"] == 0 and "other" not in stats
