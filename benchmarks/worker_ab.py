@@ -1,19 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Worker-side A/B on a GPU: stock async scheduling vs a deeper pipeline.
+"""Worker-side A/B on a GPU: stock async scheduling vs ``asyncbatch.Worker``.
 
     python3 benchmarks/worker_ab.py --shape llama-1b --repeats 2 --out DIR
 
-Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order):
+Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order; the
+default is ``async,async+cg1024,depth3``: stock as it ships, stock with the same
+CUDA graphs as the worker, and the worker):
 
 - ``async``: stock vLLM 0.26, async scheduling, two batches in flight.
-- ``depth3``: ``asyncbatch.Scheduler`` (pass-through ``fcfs`` policy, so only the
-  depth differs) + ``asyncbatch.Worker`` + ``pipeline_depth`` 3.
+- ``depthN``: ``asyncbatch.Scheduler`` (pass-through ``fcfs`` policy, so the
+  admission order is stock's) + ``asyncbatch.Worker`` + ``pipeline_depth`` N, with
+  the worker's CUDA graphs up to the largest decode batch.
 - ``depth3-cg512``: ``depth3`` with ``cuda_graph_max_tokens`` 0, i.e. vLLM's own
   CUDA-graph ceiling (``depth3`` raises it to the largest decode batch).
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 
-Both use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
+All use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
 small models) and vLLM's defaults for everything else.  Each run times one
 ``llm.generate`` of random prompts (``--num-prompts`` x ``--input-len`` in /
 ``--output-len`` out, ``ignore_eos``) while a thread samples NVML GPU utilization
@@ -238,7 +241,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="llama-1b", choices=["llama-1b", "llama-8b"])
-    ap.add_argument("--variants", default="async,depth3")
+    ap.add_argument("--variants", default="async,async+cg1024,depth3")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=512)
