@@ -8,10 +8,11 @@ from asyncbatch.glue.graphs import target_ceiling, vllm_default_ceiling
 
 
 def ceiling(setting=None, *, current=None, seqs=1024, q=1, mbt=16384):
+    default = vllm_default_ceiling(seqs, q, mbt)
     if current is None:
-        current = vllm_default_ceiling(seqs, q, mbt)
-    return target_ceiling(setting, current=current, max_num_seqs=seqs, decode_query_len=q,
-                          max_num_batched_tokens=mbt)
+        current = default
+    return target_ceiling(setting, current=current, default=default,
+                          max_decode_tokens=seqs * q, max_num_batched_tokens=mbt)
 
 
 def test_vllm_default_ceiling_matches_vllm_0_26():
@@ -44,6 +45,12 @@ def test_unset_raises_only_vllms_default_ceiling(kwargs, expected):
 ])
 def test_explicit_setting(setting, kwargs, expected):
     assert ceiling(setting, **kwargs) == expected
+
+
+def test_a_default_that_covers_decode_batches_is_kept():
+    # vLLM with patches/0005: its own default is the largest decode batch already
+    assert target_ceiling(None, current=1024, default=1024, max_decode_tokens=1024,
+                          max_num_batched_tokens=16384) is None
 
 
 def test_setting_is_validated():

@@ -8,7 +8,10 @@ sizes for ``max_num_seqs``), the way ``VllmConfig._set_cudagraph_sizes`` would.
 
 import pytest
 
-from asyncbatch.glue.graphs import apply_graph_ceiling
+from asyncbatch.glue.graphs import apply_graph_ceiling, has_default_ceiling_method
+
+# vLLM with patches/0005 picks a default ceiling that covers the largest decode batch
+PATCHED = has_default_ceiling_method()
 
 
 def gpu_like(scheduler, *, user_max=None):
@@ -28,6 +31,7 @@ def settings(value):
     return {"additional_config": {"asyncbatch": {"cuda_graph_max_tokens": value}}}
 
 
+@pytest.mark.skipif(PATCHED, reason="vLLM with patches/0005")
 def test_unset_covers_every_decode_batch(make_scheduler):
     vc = gpu_like(make_scheduler(max_num_seqs=1000, max_num_batched_tokens=16384))
     before = list(vc.compilation_config.cudagraph_capture_sizes)
@@ -40,6 +44,15 @@ def test_unset_covers_every_decode_batch(make_scheduler):
     assert sizes[len(before):] == list(range(528, 1009, 16))
 
 
+@pytest.mark.skipif(not PATCHED, reason="vLLM without patches/0005")
+def test_unset_keeps_a_default_that_covers_every_decode_batch(make_scheduler):
+    vc = gpu_like(make_scheduler(max_num_seqs=1000, max_num_batched_tokens=16384))
+    before = list(vc.compilation_config.cudagraph_capture_sizes)
+    assert before[-1] == 1008  # vLLM's own default, with the patch
+    assert apply_graph_ceiling(vc) == 1008
+    assert vc.compilation_config.cudagraph_capture_sizes == before
+
+
 def test_a_ceiling_the_user_chose_is_kept(make_scheduler):
     vc = gpu_like(make_scheduler(max_num_seqs=1024, max_num_batched_tokens=16384),
                   user_max=768)
@@ -48,7 +61,8 @@ def test_a_ceiling_the_user_chose_is_kept(make_scheduler):
     assert vc.compilation_config.cudagraph_capture_sizes == sizes
 
 
-@pytest.mark.parametrize("value, expected", [(0, 512), (2000, 2000), (64, 64)])
+@pytest.mark.parametrize("value, expected", [(0, 1024 if PATCHED else 512), (2000, 2000),
+                                             (64, 64)])
 def test_explicit_setting(make_scheduler, value, expected):
     vc = gpu_like(make_scheduler(max_num_seqs=1024, max_num_batched_tokens=2000,
                                  **settings(value)))

@@ -13,6 +13,7 @@ import vllm
 from streams import feed, prefix_stream
 
 from asyncbatch.glue import scheduler as glue
+from asyncbatch.glue.graphs import has_default_ceiling_method
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.sim.engine import SimEngine, make_request
 
@@ -28,8 +29,8 @@ def test_detected_hooks_match_the_vllm_in_use():
     if expect is None:
         pytest.skip("not run by patches/check.sh")
     detected = (glue.HAS_WAITING_QUEUE_HOOKS, glue.HAS_FINISHED_HOOK, glue.HAS_EVICT_FIRST_HOOK,
-                glue.HAS_DEPTH_SETTING)
-    assert detected == (expect == "1",) * 4
+                glue.HAS_DEPTH_SETTING, has_default_ceiling_method())
+    assert detected == (expect == "1",) * 5
     patched = os.environ.get("ASYNCBATCH_PATCHED_VLLM")
     if patched:
         assert os.path.dirname(vllm.__file__) == patched

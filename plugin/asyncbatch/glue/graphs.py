@@ -19,7 +19,12 @@ these sizes (graph capture, padding, the attention metadata builders), so the
 EngineCore's copy needs no change.  The setting ``cuda_graph_max_tokens`` chooses:
 unset raises vLLM's default ceiling as above, but leaves a ceiling the user chose
 (one that differs from vLLM's default) alone; ``0`` leaves vLLM's ceiling alone; a
-positive value sets the ceiling to that many tokens.
+positive value sets the ceiling to that many tokens.  The worker sees only the
+resolved configuration, so a ceiling set by hand to exactly vLLM's default cannot
+be told from the default; ``0`` keeps it.  ``VllmConfig._set_cudagraph_sizes`` is
+private to vLLM, which is one reason asyncbatch pins vLLM 0.26.  On vLLM with
+``patches/0005`` the default itself covers the largest decode batch, and unset
+changes nothing.
 
 Stock vLLM gets the same graphs with ``--max-cudagraph-capture-size N``; the
 benchmark in ``benchmarks/results/worker/`` measures stock both ways.
@@ -27,9 +32,10 @@ benchmark in ``benchmarks/results/worker/`` measures stock both ways.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from asyncbatch.config import AsyncBatchConfig, InvalidSettings
+from asyncbatch.config import AsyncBatchConfig
 
 # vLLM 0.26's cap on the default ceiling (VllmConfig._set_cudagraph_sizes).
 VLLM_DEFAULT_CAP = 512
@@ -37,27 +43,36 @@ VLLM_DEFAULT_CAP = 512
 GRAPH_STEP = 16
 
 
+@functools.cache
+def has_default_ceiling_method() -> bool:
+    """Whether the installed vLLM has ``VllmConfig.default_max_cudagraph_capture_size``
+    (``patches/0005``, whose default already covers the largest decode batch)."""
+    from vllm.config import VllmConfig
+
+    return hasattr(VllmConfig, "default_max_cudagraph_capture_size")
+
+
 def vllm_default_ceiling(max_num_seqs: int, decode_query_len: int,
                          max_num_batched_tokens: int) -> int:
-    """The ceiling vLLM 0.26 picks when the user sets none."""
+    """The ceiling vLLM 0.26 as released picks when the user sets none."""
     return min(max_num_seqs * decode_query_len * 2, VLLM_DEFAULT_CAP, max_num_batched_tokens)
 
 
-def target_ceiling(setting: int | None, *, current: int, max_num_seqs: int,
-                   decode_query_len: int, max_num_batched_tokens: int) -> int | None:
+def target_ceiling(setting: int | None, *, current: int, default: int, max_decode_tokens: int,
+                   max_num_batched_tokens: int) -> int | None:
     """The ceiling to capture up to, or None to keep ``current``.
 
     ``current`` is vLLM's resolved ``max_cudagraph_capture_size`` (0 when CUDA
-    graphs are off, which is kept).  The result never exceeds
-    ``max_num_batched_tokens``: no batch is larger.
+    graphs are off, which is kept); ``default`` is the one vLLM picks when the
+    user sets none; ``max_decode_tokens`` is ``max_num_seqs`` x tokens per decode
+    step.  The result never exceeds ``max_num_batched_tokens``: no batch is larger.
     """
     if current <= 0 or setting == 0:
         return None
     if setting is None:
-        if current != vllm_default_ceiling(max_num_seqs, decode_query_len,
-                                           max_num_batched_tokens):
+        if current != default:
             return None  # the user chose this ceiling
-        wanted = max_num_seqs * decode_query_len
+        wanted = max_decode_tokens
     else:
         wanted = setting
     # above 256 tokens vLLM captures every 16th size: round up so that the largest
@@ -79,11 +94,16 @@ def apply_graph_ceiling(vllm_config: Any) -> int:
         vllm_config.additional_config).cuda_graph_max_tokens
     cc = vllm_config.compilation_config
     current = int(cc.max_cudagraph_capture_size or 0)
-    target = target_ceiling(
-        setting, current=current,
-        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-        decode_query_len=1 + vllm_config.num_speculative_tokens,
-        max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    decode_query_len = 1 + vllm_config.num_speculative_tokens
+    max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    if has_default_ceiling_method():
+        default = min(vllm_config.default_max_cudagraph_capture_size(), max_num_batched_tokens)
+    else:
+        default = vllm_default_ceiling(max_num_seqs, decode_query_len, max_num_batched_tokens)
+    target = target_ceiling(setting, current=current, default=default,
+                            max_decode_tokens=max_num_seqs * decode_query_len,
+                            max_num_batched_tokens=max_num_batched_tokens)
     if target is None:
         return current
     cc.max_cudagraph_capture_size = target
@@ -92,5 +112,5 @@ def apply_graph_ceiling(vllm_config: Any) -> int:
     return int(cc.max_cudagraph_capture_size or 0)
 
 
-__all__ = ["InvalidSettings", "apply_graph_ceiling", "target_ceiling",
+__all__ = ["apply_graph_ceiling", "has_default_ceiling_method", "target_ceiling",
            "vllm_default_ceiling"]
