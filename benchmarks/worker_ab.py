@@ -12,7 +12,9 @@ CUDA graphs as the worker, and the worker):
   admission order is stock's) + ``asyncbatch.Worker`` + ``pipeline_depth`` N, with
   the worker's CUDA graphs up to the largest decode batch.
 - ``depth3-cg512``: ``depth3`` with ``cuda_graph_max_tokens`` 0, i.e. vLLM's own
-  CUDA-graph ceiling (``depth3`` raises it to the largest decode batch).
+  CUDA-graph ceiling (``depth3`` raises it to the largest decode batch);
+  ``depth3-nofast``: ``depth3`` without the scheduler's ``decode_fast_path``; both
+  suffixes may be combined (``depth2-cg512-nofast``).
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 
@@ -54,10 +56,14 @@ def engine_args(variant: str) -> dict[str, Any]:
     if graphs:  # e.g. async+cg1024: CUDA graphs captured up to 1024 tokens (vLLM: 512)
         args["compilation_config"] = {"max_cudagraph_capture_size": int(graphs)}
     if variant.startswith("depth"):
-        depth = variant.removeprefix("depth").removesuffix("-cg512")
+        depth, *flags = variant.removeprefix("depth").split("-")
+        if not depth.isdigit() or set(flags) - {"cg512", "nofast"}:
+            raise SystemExit(f"unknown variant {variant!r}")
         settings: dict[str, Any] = {"policy": "fcfs", "pipeline_depth": int(depth)}
-        if variant.endswith("-cg512"):
+        if "cg512" in flags:
             settings["cuda_graph_max_tokens"] = 0
+        if "nofast" in flags:
+            settings["decode_fast_path"] = False
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": settings})
     elif variant == "full3":

@@ -3,6 +3,10 @@ import os
 
 import pytest
 
+# every fast answer of asyncbatch's allocate_slots fast path is checked against
+# vLLM's own path (asyncbatch/glue/fastpath.py)
+os.environ.setdefault("ASYNCBATCH_VERIFY_FAST_PATH", "1")
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--scheduler", default=STOCK)
+    ap.add_argument("--settings", type=json.loads, default=None,
+                    help='asyncbatch settings, e.g. \'{"policy": "fcfs", "decode_fast_path": '
+                         'false}\' (with --scheduler asyncbatch.Scheduler)')
     a = ap.parse_args()
 
     from asyncbatch.bench.replay import replay_model_dir
@@ -38,7 +41,9 @@ def main() -> None:
     from asyncbatch.sim.engine import SimEngine, build_scheduler, make_request
 
     scheduler = build_scheduler(replay_model_dir(), a.scheduler, num_blocks=40_000,
-                                max_num_seqs=max(a.running, 1), max_num_batched_tokens=16_384)
+                                max_num_seqs=max(a.running, 1), max_num_batched_tokens=16_384,
+                                additional_config={"asyncbatch": a.settings} if a.settings
+                                else None)
     engine = SimEngine(scheduler)
     rng = random.Random(0)
     for i in range(a.running):
@@ -46,6 +51,17 @@ def main() -> None:
                                         max_tokens=256, ignore_eos=True))
     while any(r.num_output_tokens == 0 for r in scheduler.running) or scheduler.waiting:
         engine.step()
+    schedule = scheduler.schedule
+    schedule_s = [0.0]
+
+    def timed_schedule(*args, **kwargs):  # the scheduler's own share of each step
+        t = time.perf_counter()
+        try:
+            return schedule(*args, **kwargs)
+        finally:
+            schedule_s[0] += time.perf_counter() - t
+
+    scheduler.schedule = timed_schedule
     with tempfile.TemporaryDirectory() as out:
         sampler = StackSampler(out, interval_s=0.001, thread_id=threading.get_ident())
         sampler.start()
@@ -56,8 +72,9 @@ def main() -> None:
         sampler.stop()
         data = json.loads(sampler.path.read_text())
     n = data["samples"]
-    print(f"{a.scheduler}, {len(scheduler.running)} running: {per_step_ms:.1f} ms per step, "
-          f"{n} stack samples")
+    print(f"{a.scheduler} {json.dumps(a.settings) if a.settings else ''}, "
+          f"{len(scheduler.running)} running: {per_step_ms:.1f} ms per step, of which "
+          f"schedule() {1000 * schedule_s[0] / a.steps:.1f} ms; {n} stack samples")
     for key, count in list(data["inclusive"].items())[:a.top]:
         print(f"{100 * count / n:5.1f}%  {key}")
 

@@ -109,6 +109,17 @@ class AsyncBatchConfig(BaseModel):
         ),
     )
 
+    decode_fast_path: bool = Field(
+        default=True,
+        description=(
+            "Answer vLLM's per-request allocate_slots call in steady decode (no new block "
+            "needed, no block filled) without walking the KV cache manager; the answer is "
+            "the one vLLM's own path gives. Only with one KV cache group of full attention "
+            "and no KV connector; elsewhere vLLM's path runs. CPU, 1,000 requests in "
+            "decode: see benchmarks/results/micro/host-breakdown.md."
+        ),
+    )
+
     pipeline_depth: int | None = Field(
         default=None,
         ge=2,

@@ -29,8 +29,12 @@ def test_variants(worker_ab):
     stock_graphs = worker_ab.engine_args("async+cg1024")
     assert stock_graphs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
     assert "worker_cls" not in stock_graphs
-    with pytest.raises(SystemExit, match="unknown variant"):
-        worker_ab.engine_args("sync")
+    plain = worker_ab.engine_args("depth2-cg512-nofast")["additional_config"]["asyncbatch"]
+    assert plain == {"policy": "fcfs", "pipeline_depth": 2, "cuda_graph_max_tokens": 0,
+                     "decode_fast_path": False}
+    for bad in ("sync", "depth3-fast", "depthx"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            worker_ab.engine_args(bad)
 
 
 def run(order, variant, tps, tokens, sync=False):

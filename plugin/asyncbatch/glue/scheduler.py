@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Hashable
 from typing import Any
@@ -19,6 +20,7 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
+from asyncbatch.glue.fastpath import VERIFY_FAST_PATH_ENV, fast_path_gaps, install_fast_path
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
     apply_depth,
@@ -80,9 +82,16 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
+        self.decode_fast_path = (
+            install_fast_path(self.kv_cache_manager, self.connector,
+                              verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
+            if settings.decode_fast_path else None)
         logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
-                    "in flight)", settings, self.policy.value,
-                    vllm_config.max_concurrent_batches)
+                    "in flight, decode fast path %s)", settings, self.policy.value,
+                    vllm_config.max_concurrent_batches,
+                    "on" if self.decode_fast_path else
+                    "off" if not settings.decode_fast_path else
+                    "off: " + ", ".join(fast_path_gaps(self.kv_cache_manager, self.connector)))
 
     def make_waiting_queue(self) -> PolicyRequestQueue:
         """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the

@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A steady-decode fast path for ``KVCacheManager.allocate_slots`` (vLLM 0.26).
+
+``Scheduler.schedule()`` calls ``allocate_slots`` for every running request in
+every step.  In steady decode almost every call finds that the request's blocks
+already hold the next token and that no block has filled since the last step, so
+there is nothing to allocate and nothing to cache; vLLM still walks the
+coordinator and the single-type manager (``remove_skipped_blocks``,
+``get_num_blocks_to_allocate``, the free-block check, ``allocate_new_blocks``,
+``cache_blocks``) to find that out.  Stack samples of the EngineCore on an H100
+(Llama-1B shape, ~1000 requests in decode) put ``allocate_slots`` at 18-23% of
+the EngineCore's main thread.
+
+`DecodeSlotsFastPath` answers that common case from three numbers (the request's
+block count, its cached-block count and its token counts) and returns vLLM's own
+empty result; every other call goes to vLLM's ``allocate_slots`` unchanged.  It
+is installed only where those three numbers are the whole story (`fast_path_gaps`
+lists what rules it out): one KV cache group of plain full attention, no KV
+connector, and a block size equal to the prefix-cache hash block size.  In that
+case vLLM's slow path, called instead, would allocate nothing, cache nothing and
+return the same empty object; ``verify=True`` calls it after every fast answer
+and checks exactly that (the CPU tests run with it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# set to 1 to check every fast answer against vLLM's own path (the CPU tests do)
+VERIFY_FAST_PATH_ENV = "ASYNCBATCH_VERIFY_FAST_PATH"
+# the private state of vLLM 0.26's KV cache manager that the fast path reads
+_MANAGER_STATE = ("req_to_blocks", "num_cached_block", "_partial_hit_reqs", "block_size")
+
+
+class FastPathMismatch(AssertionError):
+    pass
+
+
+def fast_path_gaps(kv_cache_manager: Any, connector: Any) -> list[str]:
+    """Why the fast path cannot stand in for ``allocate_slots`` here (empty: it can)."""
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    gaps = []
+    managers: tuple[Any, ...] = tuple(
+        getattr(kv_cache_manager.coordinator, "single_type_managers", ()))
+    if len(managers) != 1:
+        gaps.append(f"{len(managers)} KV cache groups")
+    elif type(managers[0]) is not FullAttentionManager:
+        gaps.append(f"{type(managers[0]).__name__} layers")
+    else:
+        manager = managers[0]
+        missing = [a for a in _MANAGER_STATE if not hasattr(manager, a)]
+        if missing:
+            gaps.append(f"this vLLM's KV cache manager lacks {', '.join(missing)}")
+        elif (kv_cache_manager.enable_caching
+              and manager.block_pool.hash_block_size != manager.block_size):
+            gaps.append("a hash block size that differs from the block size")
+    if connector is not None:
+        gaps.append("a KV connector")
+    return gaps
+
+
+class DecodeSlotsFastPath:
+    """Drop-in for a ``KVCacheManager``'s bound ``allocate_slots`` (see the module)."""
+
+    def __init__(self, kv_cache_manager: Any, *, verify: bool = False) -> None:
+        from vllm.v1.request import RequestStatus
+
+        self.slow = kv_cache_manager.allocate_slots
+        (self.manager,) = kv_cache_manager.coordinator.single_type_managers
+        self.block_size: int = self.manager.block_size
+        self.caching: bool = kv_cache_manager.enable_caching
+        self.max_model_len: int = kv_cache_manager.max_model_len
+        self.empty = kv_cache_manager.empty_kv_cache_blocks
+        self.block_pool = kv_cache_manager.block_pool
+        self.running = RequestStatus.RUNNING
+        self.verify = verify
+        self.calls = 0
+        self.fast = 0
+
+    def __call__(self, request: Any, num_new_tokens: int, num_new_computed_tokens: int = 0,
+                 new_computed_blocks: Any = None, num_lookahead_tokens: int = 0,
+                 num_external_computed_tokens: int = 0, delay_cache_blocks: bool = False,
+                 num_encoder_tokens: int = 0, full_sequence_must_fit: bool = False,
+                 reserved_blocks: int = 0, has_scheduled_reqs: bool = True) -> Any:
+        self.calls += 1
+        if (num_new_tokens > 0 and not num_new_computed_tokens and new_computed_blocks is None
+                and not num_lookahead_tokens and not num_external_computed_tokens
+                and not delay_cache_blocks and not num_encoder_tokens
+                and not full_sequence_must_fit and not reserved_blocks
+                and request.status == self.running and self._nothing_to_do(request,
+                                                                           num_new_tokens)):
+            self.fast += 1
+            if self.verify:
+                self._check(request, num_new_tokens, has_scheduled_reqs)
+            return self.empty
+        return self.slow(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
+                         num_lookahead_tokens, num_external_computed_tokens,
+                         delay_cache_blocks, num_encoder_tokens, full_sequence_must_fit,
+                         reserved_blocks, has_scheduled_reqs)
+
+    def _nothing_to_do(self, request: Any, num_new_tokens: int) -> bool:
+        # the same arithmetic as vLLM 0.26's allocate_slots, with no new computed,
+        # external, lookahead or encoder tokens
+        manager, rid = self.manager, request.request_id
+        computed = min(request.num_computed_tokens, self.max_model_len)
+        blocks = manager.req_to_blocks.get(rid)
+        if not blocks or rid in manager._partial_hit_reqs:
+            return False
+        if min(computed + num_new_tokens, self.max_model_len) > len(blocks) * self.block_size:
+            return False  # a new block is needed
+        if self.caching:
+            to_cache = min(computed + num_new_tokens, request.num_tokens)
+            if to_cache // self.block_size > manager.num_cached_block.get(rid, 0):
+                return False  # a block has filled: it gets hashed and cached
+        return True
+
+    def _check(self, request: Any, num_new_tokens: int, has_scheduled_reqs: bool) -> None:
+        """vLLM's own path on the same call must change nothing and return the same."""
+        manager, rid = self.manager, request.request_id
+        before = (list(manager.req_to_blocks[rid]), manager.num_cached_block.get(rid, 0),
+                  self.block_pool.get_num_free_blocks())
+        result = self.slow(request, num_new_tokens, has_scheduled_reqs=has_scheduled_reqs)
+        after = (list(manager.req_to_blocks[rid]), manager.num_cached_block.get(rid, 0),
+                 self.block_pool.get_num_free_blocks())
+        if result is not self.empty or before != after:
+            raise FastPathMismatch(
+                f"request {rid}: the fast path answered 'nothing to do' but vLLM's "
+                f"allocate_slots returned {result!r} and changed {before} -> {after}")
+
+
+def install_fast_path(kv_cache_manager: Any, connector: Any, *,
+                      verify: bool = False) -> DecodeSlotsFastPath | None:
+    """Put the fast path in front of ``kv_cache_manager.allocate_slots`` where it can
+    stand in for it; return it, or None (vLLM's path unchanged)."""
+    if fast_path_gaps(kv_cache_manager, connector):
+        return None
+    fast = DecodeSlotsFastPath(kv_cache_manager, verify=verify)
+    kv_cache_manager.allocate_slots = fast
+    return fast
