@@ -408,6 +408,8 @@ def write_summary(args: argparse.Namespace, stamp: str, runs: list[dict[str, Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from asyncbatch.bench.cli import json_object
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama-1b,llama-8b")
@@ -427,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip runs that would not finish within this many seconds in all")
     p.add_argument("--result-dir", default=str(ROOT / "benchmarks/results/profile"))
-    p.add_argument("--engine-args", type=engine_args_json, default={},
+    p.add_argument("--engine-args", type=json_object, default={},
                    help="JSON object of more vllm.LLM arguments for every run, e.g. "
                         '\'{"compilation_config": {"max_cudagraph_capture_size": 1024}}\' or '
                         '\'{"scheduler_cls": "asyncbatch.Scheduler", '
@@ -435,15 +437,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
-
-def engine_args_json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

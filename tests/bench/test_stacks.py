@@ -64,6 +64,15 @@ def test_summarize_leaves_out_short_processes_and_orders_by_samples(tmp_path):
     assert rows[0]["leaf_pct"] == {"a.py:g": 25.0}
 
 
+def run_with_sampling(code, out_dir):
+    """Run ``code`` in a fresh Python with the benchmark's sampling environment."""
+    env = {**os.environ, "ASYNCBATCH_STACK_SAMPLES": str(out_dir),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
+                                          str(ROOT / "plugin")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+    assert proc.returncode == 0
+
+
 def test_sitecustomize_samples_every_process_started_with_the_environment(tmp_path):
     """What worker_ab.py --stacks relies on: a child Python process (as the
     engine's processes are) samples itself with no change to its code."""
@@ -72,11 +81,7 @@ def test_sitecustomize_samples_every_process_started_with_the_environment(tmp_pa
             "    end = time.perf_counter() + 0.5\n"
             "    while time.perf_counter() < end: pass\n"
             "busy_child(); time.sleep(2.5)\n")
-    env = {**os.environ, "ASYNCBATCH_STACK_SAMPLES": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
-                                          str(ROOT / "plugin")])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
-    assert proc.returncode == 0
+    run_with_sampling(code, tmp_path)
     (path,) = tmp_path.glob("stacks-*.json")
     data = json.loads(path.read_text())
     assert data["inclusive"].get("<string>:busy_child", 0) > 0.1 * data["samples"]
@@ -93,11 +98,7 @@ def test_sitecustomize_samples_forked_children_too(tmp_path):
             "if pid == 0:\n"
             "    busy_forked_child(); time.sleep(2.5); os._exit(0)\n"
             "os.waitpid(pid, 0)\n")
-    env = {**os.environ, "ASYNCBATCH_STACK_SAMPLES": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
-                                          str(ROOT / "plugin")])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
-    assert proc.returncode == 0
+    run_with_sampling(code, tmp_path)
     files = sorted(tmp_path.glob("stacks-*.json"))
     assert len(files) == 2, files  # the parent's and the child's
     child = [json.loads(p.read_text()) for p in files]

@@ -81,13 +81,14 @@ def _common(p: argparse.ArgumentParser, *, variants: str, kv_blocks: int | None,
                         "vLLM's own sizing" + (
                             f"; the default {kv_blocks} keeps the prefix-shared working set "
                             "from fitting, as in the replay" if kv_blocks else " (default)"))
-    p.add_argument("--asyncbatch-config", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--asyncbatch-config", type=json_object, default={}, metavar="JSON",
                    help="plugin settings for the variants that load asyncbatch (asyncbatch, "
                         "worker, full), e.g. '{\"policy\": \"fcfs\"}'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
