@@ -352,8 +352,8 @@ def write_result(path: Path, a: argparse.Namespace, variants: list[str],
     (``"complete": false``)."""
     ref = next((r["parity_tokens"] for r in runs if r["variant"] == variants[0]), None)
     mismatches = {}
-    for r in runs:
-        bad = [j for j, (x, y) in enumerate(zip(ref or [], r["parity_tokens"], strict=True))
+    for r in runs if ref is not None else ():
+        bad = [j for j, (x, y) in enumerate(zip(ref, r["parity_tokens"], strict=True))
                if x != y]
         if bad:
             mismatches[f"{r['order']}-{r['variant']}"] = bad

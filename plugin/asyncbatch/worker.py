@@ -85,7 +85,6 @@ class Worker(VllmWorker):
             return 0
         return pipeline_buffer_count()
 
-
     def asyncbatch_cuda_graph_max_tokens(self) -> int:
         """The largest batch, in tokens, this worker runs as a CUDA graph (0: none);
         for ``LLM.collective_rpc("asyncbatch_cuda_graph_max_tokens")``."""

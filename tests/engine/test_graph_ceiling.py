@@ -7,6 +7,7 @@ sizes for ``max_num_seqs``), the way ``VllmConfig._set_cudagraph_sizes`` would.
 """
 
 import pytest
+from graph_config import resolve_graphs_as_on_a_gpu
 
 from asyncbatch.glue.graphs import apply_graph_ceiling, has_default_ceiling_method
 
@@ -15,16 +16,7 @@ PATCHED = has_default_ceiling_method()
 
 
 def gpu_like(scheduler, *, user_max=None):
-    from vllm.config import CUDAGraphMode
-
-    vc = scheduler.vllm_config
-    vc.model_config.enforce_eager = False
-    cc = vc.compilation_config
-    cc.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
-    cc.max_cudagraph_capture_size = user_max
-    cc.cudagraph_capture_sizes = None
-    vc._set_cudagraph_sizes()
-    return vc
+    return resolve_graphs_as_on_a_gpu(scheduler.vllm_config, user_max=user_max)
 
 
 def settings(value):

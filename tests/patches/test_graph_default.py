@@ -3,6 +3,7 @@
 batch, with no asyncbatch code involved (stock scheduler, stock configuration)."""
 
 import pytest
+from graph_config import resolve_graphs_as_on_a_gpu
 
 from asyncbatch.glue.graphs import has_default_ceiling_method, vllm_default_ceiling
 from asyncbatch.sim.engine import build_scheduler
@@ -14,14 +15,7 @@ needs_patch = pytest.mark.skipif(not has_default_ceiling_method(),
 
 def resolved_ceiling(model_dir, **kwargs):
     """The ceiling vLLM resolves on a GPU (graph mode on) for a stock configuration."""
-    from vllm.config import CUDAGraphMode
-
-    vc = build_scheduler(model_dir, STOCK, **kwargs).vllm_config
-    vc.model_config.enforce_eager = False
-    vc.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
-    vc.compilation_config.max_cudagraph_capture_size = None
-    vc.compilation_config.cudagraph_capture_sizes = None
-    vc._set_cudagraph_sizes()
+    vc = resolve_graphs_as_on_a_gpu(build_scheduler(model_dir, STOCK, **kwargs).vllm_config)
     return vc.compilation_config.max_cudagraph_capture_size
 
 

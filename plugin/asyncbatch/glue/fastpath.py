@@ -129,12 +129,14 @@ class DecodeSlotsFastPath:
                 f"allocate_slots returned {result!r} and changed {before} -> {after}")
 
 
-def install_fast_path(kv_cache_manager: Any, connector: Any, *,
-                      verify: bool = False) -> DecodeSlotsFastPath | None:
+def install_fast_path(kv_cache_manager: Any, connector: Any, *, verify: bool = False
+                      ) -> tuple[DecodeSlotsFastPath | None, list[str]]:
     """Put the fast path in front of ``kv_cache_manager.allocate_slots`` where it can
-    stand in for it; return it, or None (vLLM's path unchanged)."""
-    if fast_path_gaps(kv_cache_manager, connector):
-        return None
+    stand in for it. Returns it and no reasons, or None (vLLM's path unchanged) and
+    `fast_path_gaps`' reasons."""
+    gaps = fast_path_gaps(kv_cache_manager, connector)
+    if gaps:
+        return None, gaps
     fast = DecodeSlotsFastPath(kv_cache_manager, verify=verify)
     kv_cache_manager.allocate_slots = fast
-    return fast
+    return fast, []

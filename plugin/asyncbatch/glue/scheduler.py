@@ -20,7 +20,11 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
-from asyncbatch.glue.fastpath import VERIFY_FAST_PATH_ENV, fast_path_gaps, install_fast_path
+from asyncbatch.glue.fastpath import (
+    VERIFY_FAST_PATH_ENV,
+    DecodeSlotsFastPath,
+    install_fast_path,
+)
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
     apply_depth,
@@ -82,16 +86,16 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
-        self.decode_fast_path = (
-            install_fast_path(self.kv_cache_manager, self.connector,
-                              verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
-            if settings.decode_fast_path else None)
+        self.decode_fast_path: DecodeSlotsFastPath | None = None
+        fast_path = "off"
+        if settings.decode_fast_path:
+            self.decode_fast_path, gaps = install_fast_path(
+                self.kv_cache_manager, self.connector,
+                verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
+            fast_path = "on" if self.decode_fast_path else "off: " + ", ".join(gaps)
         logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
                     "in flight, decode fast path %s)", settings, self.policy.value,
-                    vllm_config.max_concurrent_batches,
-                    "on" if self.decode_fast_path else
-                    "off" if not settings.decode_fast_path else
-                    "off: " + ", ".join(fast_path_gaps(self.kv_cache_manager, self.connector)))
+                    vllm_config.max_concurrent_batches, fast_path)
 
     def make_waiting_queue(self) -> PolicyRequestQueue:
         """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the
