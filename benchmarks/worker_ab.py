@@ -373,8 +373,11 @@ def write_result(path: Path, a: argparse.Namespace, variants: list[str],
             row["ratio_vs_" + variants[0]] = row["output_tok_s_median"] / base
     import torch
 
+    from asyncbatch.bench.report import detect_cpu
+
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
            "gpu": torch.cuda.get_device_name(0), "host": platform.node(),
+           "cpu": detect_cpu(), "cpu_count": os.cpu_count(),
            "shape": a.shape, "workload": {"num_prompts": a.num_prompts,
                                           "input_len": a.input_len,
                                           "output_len": a.output_len},

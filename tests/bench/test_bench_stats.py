@@ -123,3 +123,16 @@ def test_compare_judges_the_replay_at_the_gpu_resolution(tmp_path):
     assert not compare(same, resolved)[1]
     assert compare(_write(tmp_path, "gain", {"async": [100.0], "asyncbatch": [105.0]}),
                    resolved)[1]
+
+
+def test_detect_cpu_reads_the_model_name(tmp_path):
+    from asyncbatch.bench.report import detect_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                    "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t: fpu\n")
+    assert detect_cpu(info) == "Intel(R) Xeon(R) Platinum 8480+"
+    # no model name line (some ARM kernels): falls back to what platform knows, never empty
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert detect_cpu(info) not in ("", "Intel(R) Xeon(R) Platinum 8480+")
+    assert detect_cpu(tmp_path / "missing")

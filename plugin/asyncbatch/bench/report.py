@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -172,6 +173,7 @@ def environment_stamp(model: str, model_shape: str | None, gpu: str | None = Non
         "asyncbatch_version": asyncbatch_version,
         "git_commit": _git_commit(),
         "python": sys.version.split()[0],
+        "cpu": detect_cpu(),
         "cpu_count": os.cpu_count(),
         "model": model,
         "model_shape": model_shape,
@@ -189,6 +191,19 @@ def detect_gpu() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return "none (CPU)"
+
+
+def detect_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host CPU's model name (Linux), else what `platform` knows: host work
+    bounds small models, so a results file says which CPU did it."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _git_commit() -> str | None:
