@@ -20,11 +20,28 @@ connector, and a block size equal to the prefix-cache hash block size.  In that
 case vLLM's slow path, called instead, would allocate nothing, cache nothing and
 return the same empty object; ``verify=True`` calls it after every fast answer
 and checks exactly that (the CPU tests run with it).
+
+Two smaller per-request costs of steady decode go the same way:
+
+- the fast answer is a `SteadyDecodeBlocks`: vLLM's empty allocation result (the
+  same ``blocks``), whose ``get_block_ids(allow_none=True)``, which the scheduler
+  calls for every running request when it builds the step's cached-request data,
+  returns None without a generator over the groups;
+- `CacheBlocksFastPath` stands in for ``KVCacheManager.cache_blocks``, which
+  ``AsyncScheduler`` calls for every request after every step, and which has work
+  only when a block has filled and the next step's ``allocate_slots`` has not
+  cached it already (in steady decode: a request's last step).  The
+  full-attention manager's first test (``num_tokens // block_size`` against the
+  cached-block count) is made here, and only a call that passes it goes down
+  vLLM's path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
 # set to 1 to check every fast answer against vLLM's own path (the CPU tests do)
 VERIFY_FAST_PATH_ENV = "ASYNCBATCH_VERIFY_FAST_PATH"
@@ -60,6 +77,16 @@ def fast_path_gaps(kv_cache_manager: Any, connector: Any) -> list[str]:
     return gaps
 
 
+class SteadyDecodeBlocks(KVCacheBlocks):
+    """vLLM's empty ``allocate_slots`` result (nothing new for this request), with
+    the block-id conversion answered directly."""
+
+    def get_block_ids(self, allow_none: bool = False) -> Any:
+        if allow_none:
+            return None
+        return tuple([] for _ in self.blocks)
+
+
 class DecodeSlotsFastPath:
     """Drop-in for a ``KVCacheManager``'s bound ``allocate_slots`` (see the module)."""
 
@@ -72,6 +99,7 @@ class DecodeSlotsFastPath:
         self.caching: bool = kv_cache_manager.enable_caching
         self.max_model_len: int = kv_cache_manager.max_model_len
         self.empty = kv_cache_manager.empty_kv_cache_blocks
+        self.answer = SteadyDecodeBlocks(self.empty.blocks)
         self.block_pool = kv_cache_manager.block_pool
         self.running = RequestStatus.RUNNING
         self.verify = verify
@@ -93,7 +121,7 @@ class DecodeSlotsFastPath:
             self.fast += 1
             if self.verify:
                 self._check(request, num_new_tokens, has_scheduled_reqs)
-            return self.empty
+            return self.answer
         return self.slow(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
                          num_lookahead_tokens, num_external_computed_tokens,
                          delay_cache_blocks, num_encoder_tokens, full_sequence_must_fit,
@@ -129,14 +157,63 @@ class DecodeSlotsFastPath:
                 f"allocate_slots returned {result!r} and changed {before} -> {after}")
 
 
+class CacheBlocksFastPath:
+    """Drop-in for a ``KVCacheManager``'s bound ``cache_blocks`` (see the module)."""
+
+    def __init__(self, kv_cache_manager: Any, *, verify: bool = False) -> None:
+        self.slow = kv_cache_manager.cache_blocks
+        (self.manager,) = kv_cache_manager.coordinator.single_type_managers
+        self.block_size: int = self.manager.block_size
+        self.caching: bool = kv_cache_manager.enable_caching
+        self.verify = verify
+        self.calls = 0
+        self.fast = 0
+
+    def __call__(self, request: Any, num_computed_tokens: int) -> None:
+        self.calls += 1
+        if (not self.caching or num_computed_tokens // self.block_size
+                <= self.manager.num_cached_block.get(request.request_id, 0)):
+            self.fast += 1
+            if self.verify:
+                self._check(request, num_computed_tokens)
+            return
+        self.slow(request, num_computed_tokens)
+
+    def _check(self, request: Any, num_computed_tokens: int) -> None:
+        """vLLM's own path on the same call must cache nothing."""
+        manager, rid = self.manager, request.request_id
+        blocks = manager.req_to_blocks.get(rid, ())
+
+        def state() -> tuple[int, list[Any]]:
+            return manager.num_cached_block.get(rid, 0), [b.block_hash for b in blocks]
+
+        before = state()
+        self.slow(request, num_computed_tokens)
+        after = state()
+        if before != after:
+            raise FastPathMismatch(
+                f"request {rid}: the fast path skipped cache_blocks({num_computed_tokens}) "
+                f"but vLLM's path changed {before[0]} cached blocks -> {after[0]}")
+
+
+@dataclass
+class DecodeFastPath:
+    """The fast paths installed on one scheduler's KV cache manager."""
+
+    slots: DecodeSlotsFastPath
+    cache: CacheBlocksFastPath
+
+
 def install_fast_path(kv_cache_manager: Any, connector: Any, *, verify: bool = False
-                      ) -> tuple[DecodeSlotsFastPath | None, list[str]]:
-    """Put the fast path in front of ``kv_cache_manager.allocate_slots`` where it can
-    stand in for it. Returns it and no reasons, or None (vLLM's path unchanged) and
-    `fast_path_gaps`' reasons."""
+                      ) -> tuple[DecodeFastPath | None, list[str]]:
+    """Put the fast paths in front of ``kv_cache_manager.allocate_slots`` and
+    ``cache_blocks`` where they can stand in for them. Returns them and no reasons,
+    or None (vLLM's paths unchanged) and `fast_path_gaps`' reasons."""
     gaps = fast_path_gaps(kv_cache_manager, connector)
     if gaps:
         return None, gaps
-    fast = DecodeSlotsFastPath(kv_cache_manager, verify=verify)
-    kv_cache_manager.allocate_slots = fast
+    fast = DecodeFastPath(DecodeSlotsFastPath(kv_cache_manager, verify=verify),
+                          CacheBlocksFastPath(kv_cache_manager, verify=verify))
+    kv_cache_manager.allocate_slots = fast.slots
+    kv_cache_manager.cache_blocks = fast.cache
     return fast, []

@@ -22,7 +22,7 @@ from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
 from asyncbatch.glue.fastpath import (
     VERIFY_FAST_PATH_ENV,
-    DecodeSlotsFastPath,
+    DecodeFastPath,
     install_fast_path,
 )
 from asyncbatch.glue.pipeline import (
@@ -86,7 +86,7 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
-        self.decode_fast_path: DecodeSlotsFastPath | None = None
+        self.decode_fast_path: DecodeFastPath | None = None
         fast_path = "off"
         if settings.decode_fast_path:
             self.decode_fast_path, gaps = install_fast_path(
