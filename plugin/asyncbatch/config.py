@@ -112,11 +112,13 @@ class AsyncBatchConfig(BaseModel):
     decode_fast_path: bool = Field(
         default=True,
         description=(
-            "Answer vLLM's per-request allocate_slots call in steady decode (no new block "
-            "needed, no block filled) without walking the KV cache manager; the answer is "
-            "the one vLLM's own path gives. Only with one KV cache group of full attention "
-            "and no KV connector; elsewhere vLLM's path runs. CPU, 1,000 requests in "
-            "decode: see benchmarks/results/micro/host-breakdown.md."
+            "Answer vLLM's per-request KV cache calls of steady decode (allocate_slots "
+            "when no new block is needed and no block filled, cache_blocks when no block "
+            "is left to cache) without walking the KV cache manager; the answers are the "
+            "ones vLLM's own path gives. Only with one KV cache group of full attention "
+            "and no KV connector; elsewhere vLLM's path runs. H100, Llama-1B shape, 1000 "
+            "requests in decode, with the worker: 1.13x with it against without it (see "
+            "benchmarks/results/worker/)."
         ),
     )
 
@@ -127,9 +129,11 @@ class AsyncBatchConfig(BaseModel):
         description=(
             "Batches in flight between the scheduler and the GPU. vLLM's async scheduling "
             "keeps 2; 3 lets the worker prepare a step while the two before it are queued "
-            "on the GPU, to hide host latency for small models (H100, Llama-1B shape: 1.04x "
-            "over 20 runs before the worker's CUDA graphs, 1.02x on top of them; within noise "
-            "so far). Unset (null): 3 where "
+            "on the GPU, to hide host latency for small models (H100, Llama-1B shape: the "
+            "scheduler and worker with 3 in flight, the worker's CUDA graphs and the decode "
+            "fast path gave 1.16x over stock async given the same graphs; before the fast "
+            "path, 3 in flight added 1.02x, within noise; 4 was no better than 3). "
+            "Unset (null): 3 where "
             "it is supported (--worker-cls asyncbatch.Worker, which sizes the worker's input "
             "buffers to the depth; the V2 model runner; no pipeline parallelism; no "
             "speculative decoding; no sliding-window or chunked-local attention), else 2. "
