@@ -108,6 +108,11 @@ def test_steady_decode_gaps() -> None:
     md = render_markdown({"runs": [{"shape": "s", "executor": "mp", "analysis": a,
                                     "timed": {}}]})
     assert "78.0" in md and "gpu_model_runner: sample" in md
+    assert md.startswith("# GPU idle between engine steps: stock vLLM async scheduling\n")
+    args = json.dumps({"scheduler_cls": "asyncbatch.Scheduler", "worker_cls": "asyncbatch.Worker"})
+    md = render_markdown({"meta": {"engine_args": args}, "runs": []})
+    assert md.startswith("# GPU idle between engine steps: vLLM async scheduling with "
+                         "asyncbatch.Scheduler + asyncbatch.Worker\n")
 
 
 def test_without_step_annotations_uses_middle_of_active_span(tmp_path: Path) -> None:

@@ -395,10 +395,19 @@ def _f(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def engine_title(engine_args: str | None) -> str:
+    """What ran, from the engine arguments a summary records (JSON, or "-")."""
+    args = json.loads(engine_args) if engine_args and engine_args != "-" else {}
+    plugins = [str(args[k]) for k in ("scheduler_cls", "worker_cls") if k in args]
+    if plugins:
+        return "vLLM async scheduling with " + " + ".join(plugins)
+    return "stock vLLM async scheduling"
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     """Markdown for the summary written by ``benchmarks/profile_gaps.py``."""
-    lines = ["# GPU idle between engine steps: stock vLLM async scheduling", ""]
     meta = summary.get("meta", {})
+    lines = [f"# GPU idle between engine steps: {engine_title(meta.get('engine_args'))}", ""]
     if meta:
         lines += [", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
     runs = summary.get("runs", [])

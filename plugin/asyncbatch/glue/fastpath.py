@@ -87,24 +87,32 @@ class SteadyDecodeBlocks(KVCacheBlocks):
         return tuple([] for _ in self.blocks)
 
 
-class DecodeSlotsFastPath:
+class _ManagerFastPath:
+    """What both fast paths read from the one full-attention manager, and their
+    counters: ``calls`` made, ``fast`` answered without vLLM's path."""
+
+    def __init__(self, kv_cache_manager: Any, slow: Any, *, verify: bool) -> None:
+        self.slow = slow
+        (self.manager,) = kv_cache_manager.coordinator.single_type_managers
+        self.block_size: int = self.manager.block_size
+        self.caching: bool = kv_cache_manager.enable_caching
+        self.verify = verify
+        self.calls = 0
+        self.fast = 0
+
+
+class DecodeSlotsFastPath(_ManagerFastPath):
     """Drop-in for a ``KVCacheManager``'s bound ``allocate_slots`` (see the module)."""
 
     def __init__(self, kv_cache_manager: Any, *, verify: bool = False) -> None:
         from vllm.v1.request import RequestStatus
 
-        self.slow = kv_cache_manager.allocate_slots
-        (self.manager,) = kv_cache_manager.coordinator.single_type_managers
-        self.block_size: int = self.manager.block_size
-        self.caching: bool = kv_cache_manager.enable_caching
+        super().__init__(kv_cache_manager, kv_cache_manager.allocate_slots, verify=verify)
         self.max_model_len: int = kv_cache_manager.max_model_len
         self.empty = kv_cache_manager.empty_kv_cache_blocks
         self.answer = SteadyDecodeBlocks(self.empty.blocks)
         self.block_pool = kv_cache_manager.block_pool
         self.running = RequestStatus.RUNNING
-        self.verify = verify
-        self.calls = 0
-        self.fast = 0
 
     def __call__(self, request: Any, num_new_tokens: int, num_new_computed_tokens: int = 0,
                  new_computed_blocks: Any = None, num_lookahead_tokens: int = 0,
@@ -157,17 +165,11 @@ class DecodeSlotsFastPath:
                 f"allocate_slots returned {result!r} and changed {before} -> {after}")
 
 
-class CacheBlocksFastPath:
+class CacheBlocksFastPath(_ManagerFastPath):
     """Drop-in for a ``KVCacheManager``'s bound ``cache_blocks`` (see the module)."""
 
     def __init__(self, kv_cache_manager: Any, *, verify: bool = False) -> None:
-        self.slow = kv_cache_manager.cache_blocks
-        (self.manager,) = kv_cache_manager.coordinator.single_type_managers
-        self.block_size: int = self.manager.block_size
-        self.caching: bool = kv_cache_manager.enable_caching
-        self.verify = verify
-        self.calls = 0
-        self.fast = 0
+        super().__init__(kv_cache_manager, kv_cache_manager.cache_blocks, verify=verify)
 
     def __call__(self, request: Any, num_computed_tokens: int) -> None:
         self.calls += 1
