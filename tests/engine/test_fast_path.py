@@ -66,6 +66,22 @@ def test_same_steps_with_and_without_the_fast_path(make_scheduler, policy):
     assert engine_on.outputs == engine_off.outputs
 
 
+def test_same_steps_without_prefix_caching(make_scheduler):
+    # vLLM's cache_blocks does nothing then; allocate_slots has no block to cache
+    stream = prefix_stream(15, num_groups=6, members=4, max_tokens=60, num_aborts=4,
+                           num_stops=4)
+    on, steps_on, engine_on = run(make_scheduler, ASYNCBATCH, stream,
+                                  enable_prefix_caching=False, **settings(policy="fcfs"))
+    _, steps_off, engine_off = run(make_scheduler, ASYNCBATCH, stream,
+                                   enable_prefix_caching=False,
+                                   **settings(policy="fcfs", decode_fast_path=False))
+    assert on.decode_fast_path is not None
+    assert on.decode_fast_path.slots.fast > 0
+    assert on.decode_fast_path.cache.fast == on.decode_fast_path.cache.calls > 0
+    assert steps_on == steps_off
+    assert engine_on.outputs == engine_off.outputs
+
+
 def test_same_steps_as_stock(make_scheduler):
     stream = prefix_stream(12, num_groups=6, members=4, max_tokens=48, num_stops=4)
     ours, steps_ours, engine_ours = run(make_scheduler, ASYNCBATCH, stream,
