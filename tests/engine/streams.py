@@ -77,3 +77,24 @@ def feed(engine, stream: Stream, block_size: int = 16, max_steps: int = 100_000)
         if engine.has_work():
             engine.step()
     raise RuntimeError("stream did not finish")
+
+
+def trace_steps(scheduler) -> list:
+    """Record every step's scheduled tokens, new block ids and preemptions (a list
+    that grows as ``scheduler.schedule`` is called)."""
+    steps: list = []
+    schedule = scheduler.schedule
+
+    def recording(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        cached = out.scheduled_cached_reqs
+        steps.append((
+            sorted(out.num_scheduled_tokens.items()),
+            sorted((r.req_id, r.block_ids) for r in out.scheduled_new_reqs),
+            sorted(zip(cached.req_ids, cached.new_block_ids, strict=True)),
+            sorted(out.preempted_req_ids or ()),
+        ))
+        return out
+
+    scheduler.schedule = recording
+    return steps

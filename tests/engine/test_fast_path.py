@@ -9,41 +9,30 @@ also check that the steps scheduled are the same with and without it."""
 from types import SimpleNamespace
 
 import pytest
-from streams import ASYNCBATCH, STOCK, feed, prefix_stream
+from streams import ASYNCBATCH, STOCK, feed, prefix_stream, trace_steps
 
 from asyncbatch.glue import fastpath
-from asyncbatch.glue.fastpath import FastPathMismatch, fast_path_gaps
+from asyncbatch.glue.fastpath import (
+    HAS_VLLM_STEADY_DECODE_PATH,
+    FastPathMismatch,
+    fast_path_gaps,
+)
 from asyncbatch.sim.engine import SimEngine
+
+pytestmark = pytest.mark.skipif(
+    HAS_VLLM_STEADY_DECODE_PATH,
+    reason="vLLM with patches/0006 answers these calls itself "
+           "(tests/patches/test_steady_decode.py)")
 
 
 def settings(**kw):
     return {"additional_config": {"asyncbatch": kw}}
 
 
-def trace(scheduler):
-    """Record every step's scheduled tokens, new block ids and preemptions."""
-    steps = []
-    schedule = scheduler.schedule
-
-    def recording(*args, **kwargs):
-        out = schedule(*args, **kwargs)
-        cached = out.scheduled_cached_reqs
-        steps.append((
-            sorted(out.num_scheduled_tokens.items()),
-            sorted((r.req_id, r.block_ids) for r in out.scheduled_new_reqs),
-            sorted(zip(cached.req_ids, cached.new_block_ids, strict=True)),
-            sorted(out.preempted_req_ids or ()),
-        ))
-        return out
-
-    scheduler.schedule = recording
-    return steps
-
-
 def run(make_scheduler, cls, stream, num_blocks=48, **kwargs):
     scheduler = make_scheduler(cls, num_blocks=num_blocks, max_num_seqs=16,
                                max_num_batched_tokens=256, **kwargs)
-    steps = trace(scheduler)
+    steps = trace_steps(scheduler)
     engine = feed(SimEngine(scheduler), stream)
     return scheduler, steps, engine
 

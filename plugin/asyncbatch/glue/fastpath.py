@@ -41,8 +41,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 
+# vLLM with patches/0006 answers the same calls itself, in KVCacheManager
+HAS_VLLM_STEADY_DECODE_PATH = hasattr(KVCacheManager, "_steady_decode_needs_nothing")
 # set to 1 to check every fast answer against vLLM's own path (the CPU tests do)
 VERIFY_FAST_PATH_ENV = "ASYNCBATCH_VERIFY_FAST_PATH"
 # the private state of vLLM 0.26's KV cache manager that the fast path reads
@@ -210,7 +212,10 @@ def install_fast_path(kv_cache_manager: Any, connector: Any, *, verify: bool = F
                       ) -> tuple[DecodeFastPath | None, list[str]]:
     """Put the fast paths in front of ``kv_cache_manager.allocate_slots`` and
     ``cache_blocks`` where they can stand in for them. Returns them and no reasons,
-    or None (vLLM's paths unchanged) and `fast_path_gaps`' reasons."""
+    or None (vLLM's paths unchanged) and `fast_path_gaps`' reasons, or None and
+    no reason where vLLM has the same fast path (patches/0006)."""
+    if HAS_VLLM_STEADY_DECODE_PATH:
+        return None, []
     gaps = fast_path_gaps(kv_cache_manager, connector)
     if gaps:
         return None, gaps

@@ -92,7 +92,10 @@ class Scheduler(AsyncScheduler):
             self.decode_fast_path, gaps = install_fast_path(
                 self.kv_cache_manager, self.connector,
                 verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
-            fast_path = "on" if self.decode_fast_path else "off: " + ", ".join(gaps)
+            if self.decode_fast_path is not None:
+                fast_path = "on"
+            else:
+                fast_path = "off: " + ", ".join(gaps) if gaps else "vLLM's own (patches/0006)"
         logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
                     "in flight, decode fast path %s)", settings, self.policy.value,
                     vllm_config.max_concurrent_batches, fast_path)
