@@ -17,6 +17,11 @@ CUDA graphs as the worker, and the worker):
   suffixes may be combined (``depth2-cg512-nofast``).
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
+- a last suffix ``~swN`` on any (``depth3~sw200``) sets Python's thread switch
+  interval (``sys.setswitchinterval``, default 5 ms) to N microseconds in every
+  process of the run (through ``benchmarks/stack_sampling/sitecustomize.py``).  The
+  engine processes each have a main thread and an output thread that take turns on
+  the GIL; a thread that wants the GIL back waits up to one interval.
 
 All use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
 small models) and vLLM's defaults for everything else.  Each run times one
@@ -50,8 +55,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def switch_interval_us(variant: str) -> int | None:
+    """The ``~swN`` suffix: Python's thread switch interval in microseconds (None: unset)."""
+    _, sep, us = variant.partition("~sw")
+    if not sep:
+        return None
+    if not us.isdigit() or int(us) == 0:
+        raise SystemExit(f"unknown variant {variant!r}: ~sw takes microseconds > 0")
+    return int(us)
+
+
 def engine_args(variant: str) -> dict[str, Any]:
     args: dict[str, Any] = {"distributed_executor_backend": "mp", "seed": 0}
+    variant = variant.partition("~sw")[0]
     variant, _, graphs = variant.partition("+cg")
     if graphs:  # e.g. async+cg1024: CUDA graphs captured up to 1024 tokens (vLLM: 512)
         args["compilation_config"] = {"max_cudagraph_capture_size": int(graphs)}
@@ -171,6 +187,10 @@ def _worker_allocator_stats(worker: Any) -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in keys}
 
 
+def _worker_switch_interval(worker: Any) -> float:
+    return sys.getswitchinterval()
+
+
 def _worker_graph_ceiling(worker: Any) -> int:
     return int(worker.vllm_config.compilation_config.max_cudagraph_capture_size or 0)
 
@@ -189,6 +209,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     vc = llm.llm_engine.vllm_config
     out: dict[str, Any] = {
         "variant": spec["variant"], "startup_s": startup_s,
+        "worker_switch_interval_s": llm.collective_rpc(_worker_switch_interval),
         "max_num_seqs": vc.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
         "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
@@ -291,14 +312,20 @@ def main() -> int:
         t0 = time.perf_counter()
         child_env = {**os.environ, **env}
         stacks_dir = a.out / f"stacks-{stamp}-{i:02d}-{variant}"
+        site = False
         if a.stacks and not sync:
             stacks_dir.mkdir(parents=True, exist_ok=True)
-            child_env.update(
-                ASYNCBATCH_STACK_SAMPLES=str(stacks_dir),
-                ASYNCBATCH_STACK_SAMPLES_GATE=str(stacks_dir / "gate"),
-                PYTHONPATH=os.pathsep.join(
-                    [str(ROOT / "benchmarks/stack_sampling"), str(ROOT / "plugin"),
-                     os.environ.get("PYTHONPATH", "")]))
+            child_env.update(ASYNCBATCH_STACK_SAMPLES=str(stacks_dir),
+                             ASYNCBATCH_STACK_SAMPLES_GATE=str(stacks_dir / "gate"))
+            site = True
+        interval = switch_interval_us(variant)
+        if interval is not None:
+            child_env["ASYNCBATCH_SWITCH_INTERVAL_US"] = str(interval)
+            site = True
+        if site:  # every process of the run imports benchmarks/stack_sampling/sitecustomize
+            child_env["PYTHONPATH"] = os.pathsep.join(
+                [str(ROOT / "benchmarks/stack_sampling"), str(ROOT / "plugin"),
+                 os.environ.get("PYTHONPATH", "")])
         with open(log, "w") as f:
             rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
                                 stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout,

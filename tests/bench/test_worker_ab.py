@@ -37,6 +37,31 @@ def test_variants(worker_ab):
             worker_ab.engine_args(bad)
 
 
+def test_switch_interval_suffix(worker_ab):
+    assert worker_ab.switch_interval_us("depth3") is None
+    assert worker_ab.switch_interval_us("depth3~sw200") == 200
+    assert worker_ab.switch_interval_us("async+cg1024~sw50") == 50
+    # the suffix changes no engine argument
+    assert worker_ab.engine_args("async+cg1024~sw50") == worker_ab.engine_args("async+cg1024")
+    assert worker_ab.engine_args("depth3~sw200") == worker_ab.engine_args("depth3")
+    for bad in ("depth3~sw", "depth3~sw0", "depth3~swfast"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            worker_ab.switch_interval_us(bad)
+
+
+def test_sitecustomize_sets_the_switch_interval(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ASYNCBATCH_SWITCH_INTERVAL_US": "250",
+           "PYTHONPATH": str(ROOT / "benchmarks/stack_sampling")}
+    env.pop("ASYNCBATCH_STACK_SAMPLES", None)
+    out = subprocess.run([sys.executable, "-c", "import sys; print(sys.getswitchinterval())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert float(out) == pytest.approx(250e-6)
+
+
 def run(order, variant, tps, tokens, sync=False):
     return {"order": order, "variant": variant, "output_tok_s": tps, "nvml_util_steady": 70.0,
             "sync_check": sync, "parity_tokens": tokens}
