@@ -116,7 +116,8 @@ class AsyncBatchConfig(BaseModel):
             "when no new block is needed and no block filled, cache_blocks when no block "
             "is left to cache) without walking the KV cache manager; the answers are the "
             "ones vLLM's own path gives. Only with one KV cache group of full attention "
-            "and no KV connector; elsewhere vLLM's path runs. H100, Llama-1B shape, 1000 "
+            "and no KV connector; elsewhere vLLM's path runs, and on a vLLM with "
+            "patches/0006 vLLM answers these calls itself. H100, Llama-1B shape, 1000 "
             "requests in decode, with the worker: 1.13x with it against without it (see "
             "benchmarks/results/worker/)."
         ),
