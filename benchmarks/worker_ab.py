@@ -279,7 +279,14 @@ def main() -> int:
                          "timed run (asyncbatch/bench/stacks.py); adds a little host load")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/worker")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--pool", type=Path, nargs="+", metavar="FILE",
+                    help="run nothing: pool the timed runs of these result files (same "
+                         "shape and workload) and print each variant's median, range, NVML "
+                         "range and ratio against the first of --variants")
     a = ap.parse_args()
+    if a.pool:
+        print(format_pool(pool_results(a.pool, a.variants.split(",")[0])))
+        return 0
     if a.child:
         spec = json.loads(a.child.read_text())
         result = child(spec)
@@ -370,6 +377,48 @@ def main() -> int:
     print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
     print("wrote", path)
     return 1 if mismatches else 0
+
+
+def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
+    """The timed runs (no sync-check runs) of several result files, by variant: the
+    median output tok/s over all of them, the range, the NVML range, and the ratio of
+    medians against ``baseline``.  The files must share shape and workload."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = {(d["shape"], json.dumps(d["workload"], sort_keys=True)) for d in docs}
+    if len(keys) > 1:
+        raise SystemExit(f"cannot pool files of different shapes or workloads: {sorted(keys)}")
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        for r in d["runs"]:
+            if not r.get("sync_check") and r.get("output_tok_s"):
+                by_variant.setdefault(r["variant"], []).append(r)
+    if baseline not in by_variant:
+        raise SystemExit(f"no timed run of {baseline!r} in these files "
+                         f"(variants: {', '.join(by_variant)})")
+    base = statistics.median(r["output_tok_s"] for r in by_variant[baseline])
+    rows = {}
+    for v, runs in by_variant.items():
+        tps = [r["output_tok_s"] for r in runs]
+        util = [r["nvml_util_steady"] for r in runs if r.get("nvml_util_steady") is not None]
+        med = statistics.median(tps)
+        rows[v] = {"runs": len(runs), "output_tok_s_median": med,
+                   "output_tok_s_range": [min(tps), max(tps)],
+                   "nvml_util_steady_range": [min(util), max(util)] if util else None,
+                   "ratio_vs_baseline": med / base}
+    return {"files": [str(p) for p in paths], "baseline": baseline, "variants": rows}
+
+
+def format_pool(pooled: dict[str, Any]) -> str:
+    lines = [f"pooled {len(pooled['files'])} files; ratios against {pooled['baseline']}",
+             "| variant | runs | output tok/s median (range) | NVML % | ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    for v, r in pooled["variants"].items():
+        lo, hi = r["output_tok_s_range"]
+        nv = r["nvml_util_steady_range"]
+        util = f"{nv[0]:.0f}-{nv[1]:.0f}" if nv else "-"
+        lines.append(f"| {v} | {r['runs']} | {r['output_tok_s_median']:,.0f} "
+                     f"({lo:,.0f}..{hi:,.0f}) | {util} | {r['ratio_vs_baseline']:.3f} |")
+    return "\n".join(lines)
 
 
 def write_result(path: Path, a: argparse.Namespace, variants: list[str],

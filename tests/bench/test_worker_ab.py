@@ -96,3 +96,35 @@ def test_allocator_probe_reads_torch_counters(worker_ab, monkeypatch):
     stats = worker_ab._worker_allocator_stats(None)
     assert stats["num_alloc_retries"] == 3 and stats["num_device_alloc"] == 40
     assert stats["num_ooms"] == 0 and "other" not in stats
+
+
+def test_pool_results(worker_ab, tmp_path):
+    def doc(runs, shape="llama-1b"):
+        return {"shape": shape, "workload": {"num_prompts": 10}, "runs": runs}
+
+    def timed(variant, tps, util, sync=False):
+        return {"variant": variant, "output_tok_s": tps, "nvml_util_steady": util,
+                "sync_check": sync}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(doc([timed("async", 100.0, 60.0), timed("depth3", 130.0, 80.0),
+                                 timed("depth3", 126.0, 79.0), timed("async", 104.0, 62.0),
+                                 timed("depth3", 1.0, 1.0, sync=True)])))
+    b.write_text(json.dumps(doc([timed("async", 90.0, 58.0), timed("depth3", 120.0, 88.0)])))
+    pooled = worker_ab.pool_results([a, b], "async")
+    rows = pooled["variants"]
+    assert rows["async"]["runs"] == 3 and rows["async"]["output_tok_s_median"] == 100.0
+    # the sync-check run is left out
+    assert rows["depth3"]["runs"] == 3 and rows["depth3"]["output_tok_s_median"] == 126.0
+    assert rows["depth3"]["output_tok_s_range"] == [120.0, 130.0]
+    assert rows["depth3"]["nvml_util_steady_range"] == [79.0, 88.0]
+    assert rows["depth3"]["ratio_vs_baseline"] == pytest.approx(1.26)
+    table = worker_ab.format_pool(pooled)
+    assert "| depth3 | 3 | 126 (120..130) | 79-88 | 1.260 |" in table
+
+    with pytest.raises(SystemExit, match="no timed run of 'stock'"):
+        worker_ab.pool_results([a], "stock")
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(doc([timed("async", 1.0, 1.0)], shape="llama-8b")))
+    with pytest.raises(SystemExit, match="different shapes"):
+        worker_ab.pool_results([a, c], "async")
