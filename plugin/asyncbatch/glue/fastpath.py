@@ -122,12 +122,12 @@ class DecodeSlotsFastPath(_ManagerFastPath):
                  num_encoder_tokens: int = 0, full_sequence_must_fit: bool = False,
                  reserved_blocks: int = 0, has_scheduled_reqs: bool = True) -> Any:
         self.calls += 1
-        if (num_new_tokens > 0 and not num_new_computed_tokens and new_computed_blocks is None
-                and not num_lookahead_tokens and not num_external_computed_tokens
-                and not delay_cache_blocks and not num_encoder_tokens
-                and not full_sequence_must_fit and not reserved_blocks
-                and request.status == self.running and self._nothing_to_do(request,
-                                                                           num_new_tokens)):
+        if (new_computed_blocks is None and num_new_tokens > 0
+                and not (num_new_computed_tokens or num_lookahead_tokens
+                         or num_external_computed_tokens or delay_cache_blocks
+                         or num_encoder_tokens or full_sequence_must_fit or reserved_blocks)
+                and request.status is self.running
+                and self._nothing_to_do(request, num_new_tokens)):
             self.fast += 1
             if self.verify:
                 self._check(request, num_new_tokens, has_scheduled_reqs)
@@ -139,16 +139,22 @@ class DecodeSlotsFastPath(_ManagerFastPath):
 
     def _nothing_to_do(self, request: Any, num_new_tokens: int) -> bool:
         # the same arithmetic as vLLM 0.26's allocate_slots, with no new computed,
-        # external, lookahead or encoder tokens
+        # external, lookahead or encoder tokens (min() spelled out: this runs for
+        # every running request in every step)
         manager, rid = self.manager, request.request_id
-        computed = min(request.num_computed_tokens, self.max_model_len)
         blocks = manager.req_to_blocks.get(rid)
         if not blocks or rid in manager._partial_hit_reqs:
             return False
-        if min(computed + num_new_tokens, self.max_model_len) > len(blocks) * self.block_size:
+        max_len = self.max_model_len
+        computed = request.num_computed_tokens
+        if computed > max_len:
+            computed = max_len
+        end = computed + num_new_tokens
+        if (end if end < max_len else max_len) > len(blocks) * self.block_size:
             return False  # a new block is needed
         if self.caching:
-            to_cache = min(computed + num_new_tokens, request.num_tokens)
+            num_tokens = request.num_tokens
+            to_cache = end if end < num_tokens else num_tokens
             if to_cache // self.block_size > manager.num_cached_block.get(rid, 0):
                 return False  # a block has filled: it gets hashed and cached
         return True
