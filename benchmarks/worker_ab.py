@@ -15,6 +15,9 @@ CUDA graphs as the worker, and the worker):
   CUDA-graph ceiling (``depth3`` raises it to the largest decode batch);
   ``depth3-nofast``: ``depth3`` without the scheduler's ``decode_fast_path``; both
   suffixes may be combined (``depth2-cg512-nofast``).
+- ``sched``: ``asyncbatch.Scheduler`` alone (pass-through ``fcfs``, its decode fast
+  path) with vLLM's own worker, two in flight; ``sched+cg1024`` against
+  ``async+cg1024`` and ``depth3`` separates the fast path from the worker.
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 - a last suffix ``~swN`` on any (``depth3~sw200``) sets Python's thread switch
@@ -82,6 +85,9 @@ def engine_args(variant: str) -> dict[str, Any]:
             settings["decode_fast_path"] = False
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": settings})
+    elif variant == "sched":
+        args.update(scheduler_cls="asyncbatch.Scheduler",
+                    additional_config={"asyncbatch": {"policy": "fcfs"}})
     elif variant == "full3":
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": {"pipeline_depth": 3}})

@@ -32,6 +32,10 @@ def test_variants(worker_ab):
     plain = worker_ab.engine_args("depth2-cg512-nofast")["additional_config"]["asyncbatch"]
     assert plain == {"policy": "fcfs", "pipeline_depth": 2, "cuda_graph_max_tokens": 0,
                      "decode_fast_path": False}
+    alone = worker_ab.engine_args("sched+cg1024")
+    assert alone["scheduler_cls"] == "asyncbatch.Scheduler" and "worker_cls" not in alone
+    assert alone["additional_config"] == {"asyncbatch": {"policy": "fcfs"}}
+    assert alone["compilation_config"] == {"max_cudagraph_capture_size": 1024}
     for bad in ("sync", "depth3-fast", "depthx"):
         with pytest.raises(SystemExit, match="unknown variant"):
             worker_ab.engine_args(bad)
