@@ -393,25 +393,36 @@ def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
     keys = {(d["shape"], json.dumps(d["workload"], sort_keys=True)) for d in docs}
     if len(keys) > 1:
         raise SystemExit(f"cannot pool files of different shapes or workloads: {sorted(keys)}")
-    by_variant: dict[str, list[dict[str, Any]]] = {}
-    for d in docs:
-        for r in d["runs"]:
-            if not r.get("sync_check") and r.get("output_tok_s"):
-                by_variant.setdefault(r["variant"], []).append(r)
-    if baseline not in by_variant:
+    stats = variant_stats([r for d in docs for r in d["runs"]])
+    if baseline not in stats:
         raise SystemExit(f"no timed run of {baseline!r} in these files "
-                         f"(variants: {', '.join(by_variant)})")
-    base = statistics.median(r["output_tok_s"] for r in by_variant[baseline])
-    rows = {}
-    for v, runs in by_variant.items():
-        tps = [r["output_tok_s"] for r in runs]
-        util = [r["nvml_util_steady"] for r in runs if r.get("nvml_util_steady") is not None]
-        med = statistics.median(tps)
-        rows[v] = {"runs": len(runs), "output_tok_s_median": med,
-                   "output_tok_s_range": [min(tps), max(tps)],
-                   "nvml_util_steady_range": [min(util), max(util)] if util else None,
-                   "ratio_vs_baseline": med / base}
+                         f"(variants: {', '.join(stats)})")
+    base = stats[baseline]["output_tok_s_median"]
+    rows = {v: {"runs": st["runs"], "output_tok_s_median": st["output_tok_s_median"],
+                "output_tok_s_range": st["output_tok_s_range"],
+                "nvml_util_steady_range": st["nvml_util_steady_range"],
+                "ratio_vs_baseline": st["output_tok_s_median"] / base}
+            for v, st in stats.items()}
     return {"files": [str(p) for p in paths], "baseline": baseline, "variants": rows}
+
+
+def variant_stats(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant, in order of first appearance, over its timed runs (sync-check
+    runs time nothing): run count, median and range of output tok/s, median and
+    range of NVML utilization (None without samples)."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if not r.get("sync_check") and r.get("output_tok_s"):
+            by_variant.setdefault(r["variant"], []).append(r)
+    stats = {}
+    for v, xs in by_variant.items():
+        tps = [r["output_tok_s"] for r in xs]
+        util = [r["nvml_util_steady"] for r in xs if r.get("nvml_util_steady") is not None]
+        stats[v] = {"runs": len(xs), "output_tok_s_median": statistics.median(tps),
+                    "output_tok_s_range": [min(tps), max(tps)],
+                    "nvml_util_steady_median": statistics.median(util) if util else None,
+                    "nvml_util_steady_range": [min(util), max(util)] if util else None}
+    return stats
 
 
 def format_pool(pooled: dict[str, Any]) -> str:
@@ -439,16 +450,11 @@ def write_result(path: Path, a: argparse.Namespace, variants: list[str],
                if x != y]
         if bad:
             mismatches[f"{r['order']}-{r['variant']}"] = bad
-    summary: dict[str, Any] = {}
-    for v in variants:
-        xs = [r for r in runs if r["variant"] == v and not r["sync_check"]]
-        if not xs:
-            continue
-        tps = sorted(r["output_tok_s"] for r in xs)
-        util = [r["nvml_util_steady"] for r in xs]
-        summary[v] = {"runs": len(xs), "output_tok_s_median": statistics.median(tps),
-                      "output_tok_s_range": [tps[0], tps[-1]],
-                      "nvml_util_steady_median": statistics.median(util)}
+    stats = variant_stats(runs)
+    summary: dict[str, Any] = {
+        v: {k: stats[v][k] for k in ("runs", "output_tok_s_median", "output_tok_s_range",
+                                     "nvml_util_steady_median")}
+        for v in variants if v in stats}
     if variants[0] in summary:
         base = summary[variants[0]]["output_tok_s_median"]
         for row in summary.values():
