@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.request import RequestStatus
 
 # vLLM with patches/0006 answers the same calls itself, in KVCacheManager
 HAS_VLLM_STEADY_DECODE_PATH = hasattr(KVCacheManager, "_steady_decode_needs_nothing")
@@ -56,9 +58,8 @@ class FastPathMismatch(AssertionError):
 
 
 def fast_path_gaps(kv_cache_manager: Any, connector: Any) -> list[str]:
-    """Why the fast path cannot stand in for ``allocate_slots`` here (empty: it can)."""
-    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-
+    """Why the fast paths cannot stand in for ``allocate_slots`` and ``cache_blocks``
+    here (empty: they can)."""
     gaps = []
     managers: tuple[Any, ...] = tuple(
         getattr(kv_cache_manager.coordinator, "single_type_managers", ()))
@@ -107,8 +108,6 @@ class DecodeSlotsFastPath(_ManagerFastPath):
     """Drop-in for a ``KVCacheManager``'s bound ``allocate_slots`` (see the module)."""
 
     def __init__(self, kv_cache_manager: Any, *, verify: bool = False) -> None:
-        from vllm.v1.request import RequestStatus
-
         super().__init__(kv_cache_manager, kv_cache_manager.allocate_slots, verify=verify)
         self.max_model_len: int = kv_cache_manager.max_model_len
         self.empty = kv_cache_manager.empty_kv_cache_blocks
