@@ -13,10 +13,11 @@ CUDA graphs as the worker, and the worker):
   the worker's CUDA graphs up to the largest decode batch.
 - ``depth3-cg512``: ``depth3`` with ``cuda_graph_max_tokens`` 0, i.e. vLLM's own
   CUDA-graph ceiling (``depth3`` raises it to the largest decode batch);
-  ``depth3-nofast``: ``depth3`` without the scheduler's ``decode_fast_path``; both
-  suffixes may be combined (``depth2-cg512-nofast``).
+  ``depth3-nofast``: ``depth3`` without the scheduler's ``decode_fast_path``;
+  ``depth3-nofastout``: without its ``decode_fast_output``; the suffixes may be
+  combined (``depth2-cg512-nofast-nofastout``).
 - ``sched``: ``asyncbatch.Scheduler`` alone (pass-through ``fcfs``, its decode fast
-  path) with vLLM's own worker, two in flight; ``sched+cg1024`` against
+  paths) with vLLM's own worker, two in flight; ``sched+cg1024`` against
   ``async+cg1024`` and ``depth3`` separates the fast path from the worker.
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
@@ -76,13 +77,15 @@ def engine_args(variant: str) -> dict[str, Any]:
         args["compilation_config"] = {"max_cudagraph_capture_size": int(graphs)}
     if variant.startswith("depth"):
         depth, *flags = variant.removeprefix("depth").split("-")
-        if not depth.isdigit() or set(flags) - {"cg512", "nofast"}:
+        if not depth.isdigit() or set(flags) - {"cg512", "nofast", "nofastout"}:
             raise SystemExit(f"unknown variant {variant!r}")
         settings: dict[str, Any] = {"policy": "fcfs", "pipeline_depth": int(depth)}
         if "cg512" in flags:
             settings["cuda_graph_max_tokens"] = 0
         if "nofast" in flags:
             settings["decode_fast_path"] = False
+        if "nofastout" in flags:
+            settings["decode_fast_output"] = False
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": settings})
     elif variant == "sched":

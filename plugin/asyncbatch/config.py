@@ -123,6 +123,18 @@ class AsyncBatchConfig(BaseModel):
         ),
     )
 
+    decode_fast_output: bool = Field(
+        default=True,
+        description=(
+            "Take the requests whose step was plain decode (one token that stops nothing, "
+            "no logprobs, no grammar, no encoder inputs) out of vLLM's general per-request "
+            "loop in update_from_output, and make for them the same changes and the same "
+            "outputs; every other request goes through vLLM's loop. Not with speculative "
+            "decoding, a KV connector, KV cache events, routed experts or per-step "
+            "performance metrics; there vLLM's loop runs for every request."
+        ),
+    )
+
     pipeline_depth: int | None = Field(
         default=None,
         ge=2,

@@ -32,6 +32,8 @@ def test_variants(worker_ab):
     plain = worker_ab.engine_args("depth2-cg512-nofast")["additional_config"]["asyncbatch"]
     assert plain == {"policy": "fcfs", "pipeline_depth": 2, "cuda_graph_max_tokens": 0,
                      "decode_fast_path": False}
+    slow_output = worker_ab.engine_args("depth3-nofastout")["additional_config"]["asyncbatch"]
+    assert slow_output == {"policy": "fcfs", "pipeline_depth": 3, "decode_fast_output": False}
     alone = worker_ab.engine_args("sched+cg1024")
     assert alone["scheduler_cls"] == "asyncbatch.Scheduler" and "worker_cls" not in alone
     assert alone["additional_config"] == {"asyncbatch": {"policy": "fcfs"}}

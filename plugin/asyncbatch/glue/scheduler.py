@@ -15,11 +15,14 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
+from asyncbatch.glue.fastoutput import DecodeOutputFastPath, fast_output_gaps
 from asyncbatch.glue.fastpath import (
     VERIFY_FAST_PATH_ENV,
     DecodeFastPath,
@@ -96,9 +99,19 @@ class Scheduler(AsyncScheduler):
                 fast_path = "on"
             else:
                 fast_path = "off: " + ", ".join(gaps) if gaps else "vLLM's own (patches/0006)"
+        self.decode_fast_output: DecodeOutputFastPath | None = None
+        fast_output = "off"
+        if settings.decode_fast_output:
+            gaps = fast_output_gaps(self)
+            if gaps:
+                fast_output = "off: " + ", ".join(gaps)
+            else:
+                self.decode_fast_output = DecodeOutputFastPath(self, super().update_from_output)
+                fast_output = "on"
         logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
-                    "in flight, decode fast path %s)", settings, self.policy.value,
-                    vllm_config.max_concurrent_batches, fast_path)
+                    "in flight, decode fast path %s, decode fast output %s)", settings,
+                    self.policy.value, vllm_config.max_concurrent_batches, fast_path,
+                    fast_output)
 
     def make_waiting_queue(self) -> PolicyRequestQueue:
         """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the
@@ -166,6 +179,13 @@ class Scheduler(AsyncScheduler):
                 self.waiting.gated = False
                 self._end_policy_step(out)
             return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> dict[int, EngineCoreOutputs]:
+        fast = self.decode_fast_output
+        if fast is None:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        return fast(scheduler_output, model_runner_output)
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         super()._update_after_schedule(scheduler_output)

@@ -1,0 +1,224 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The steady-decode fast path for ``update_from_output``
+(`asyncbatch.glue.fastoutput`) on the real vLLM 0.26 scheduler (CPU).
+
+Each test runs the same requests with the fast path on and off and compares, after
+every ``update_from_output``, the ``EngineCoreOutputs`` it returned (in order) and
+the state of every request and of the KV cache manager."""
+
+from types import SimpleNamespace
+
+import pytest
+from streams import ASYNCBATCH, STOCK, feed, prefix_stream
+
+from asyncbatch.glue import fastoutput
+from asyncbatch.glue.fastoutput import fast_output_gaps
+from asyncbatch.sim.engine import SimEngine, default_token, make_request
+
+
+def settings(**kw):
+    return {"additional_config": {"asyncbatch": kw}}
+
+
+def output_view(o):
+    # event timestamps differ between runs; their kinds must not
+    return (o.request_id, list(o.new_token_ids), o.finish_reason, o.stop_reason,
+            [e.type for e in o.events or ()], o.prefill_stats, o.new_logprobs,
+            o.num_nans_in_logits, o.trace_headers, o.kv_transfer_params)
+
+
+def state_view(scheduler):
+    manager = scheduler.kv_cache_manager
+    (single,) = manager.coordinator.single_type_managers
+    requests = {
+        rid: (r.status, r.num_computed_tokens, r.num_output_placeholders,
+              r.num_in_flight_tokens, list(r.output_token_ids), list(r.block_hashes),
+              r.stop_reason, manager.get_block_ids(rid),
+              single.num_cached_block.get(rid, 0))
+        for rid, r in scheduler.requests.items()
+    }
+    return (requests, [r.request_id for r in scheduler.running],
+            manager.block_pool.get_num_free_blocks(),
+            sorted(map(str, manager.block_pool.cached_block_hash_to_block._cache)))
+
+
+def record(scheduler) -> list:
+    """After every update_from_output: its outputs per client and the state."""
+    steps: list = []
+    update = scheduler.update_from_output
+
+    def recording(scheduler_output, model_runner_output):
+        result = update(scheduler_output, model_runner_output)
+        steps.append((
+            {client: ([output_view(o) for o in eco.outputs], eco.finished_requests,
+                      eco.scheduler_stats is not None)
+             for client, eco in result.items()},
+            state_view(scheduler),
+        ))
+        return result
+
+    scheduler.update_from_output = recording
+    return steps
+
+
+def run_stream(make_scheduler, stream, cls=ASYNCBATCH, num_blocks=48, **kwargs):
+    scheduler = make_scheduler(cls, num_blocks=num_blocks, max_num_seqs=16,
+                               max_num_batched_tokens=256, **kwargs)
+    steps = record(scheduler)
+    engine = feed(SimEngine(scheduler), stream)
+    return scheduler, steps, engine
+
+
+@pytest.mark.parametrize("policy,caching", [("fcfs", True), ("prefix", True),
+                                            ("fcfs", False)])
+def test_same_outputs_and_state_with_and_without_it(make_scheduler, policy, caching):
+    # KV pressure (48 blocks): preemptions, aborts, early stops
+    stream = prefix_stream(11, num_groups=8, members=5, max_tokens=80, num_aborts=6,
+                           num_stops=6)
+    on, steps_on, engine_on = run_stream(make_scheduler, stream,
+                                         enable_prefix_caching=caching,
+                                         **settings(policy=policy))
+    _, steps_off, engine_off = run_stream(
+        make_scheduler, stream, enable_prefix_caching=caching,
+        **settings(policy=policy, decode_fast_output=False))
+    fast = on.decode_fast_output
+    assert fast is not None
+    # most requests took the fast path, and some needed vLLM's loop
+    assert fast.fast > fast.slow > 0
+    assert engine_on.stats.num_preemptions > 0
+    assert len(steps_on) == len(steps_off)
+    for i, (a, b) in enumerate(zip(steps_on, steps_off, strict=True)):
+        assert a == b, f"step {i}"
+    assert engine_on.finished == engine_off.finished
+
+
+def test_same_outputs_as_stock(make_scheduler):
+    stream = prefix_stream(12, num_groups=6, members=4, max_tokens=48, num_stops=4)
+    ours, steps_ours, _ = run_stream(make_scheduler, stream, **settings(policy="fcfs"))
+    _, steps_stock, _ = run_stream(make_scheduler, stream, cls=STOCK)
+    assert ours.decode_fast_output is not None and ours.decode_fast_output.fast > 0
+    assert steps_ours == steps_stock
+
+
+def tokens(rid, i):
+    # "rep" requests repeat one token, to trigger repetition detection
+    if rid.startswith("rep"):
+        return 5
+    # "mintok{k}" emits EOS (1) at output 2, below its min_tokens (5 + k), and at
+    # its last allowed position
+    if rid.startswith("mintok") and i in (2, 4 + int(rid[-1])):
+        return 1
+    return default_token(rid, i)
+
+
+def special_requests():
+    """Requests whose every stop rule check_stop knows is exercised."""
+    from vllm.sampling_params import RepetitionDetectionParams
+
+    out = []
+    for i in range(4):
+        prompt = [2 + (7 * i + k) % 900 for k in range(40 + 9 * i)]
+        out.append(make_request(f"plain{i}", prompt, max_tokens=30 + i))
+        # stops on a token of its own output (stop_token_ids, stop_reason set)
+        r = make_request(f"stopid{i}", prompt, max_tokens=40,
+                         stop_token_ids=[default_token(f"stopid{i}", 6 + i)])
+        out.append(r)
+        # emits EOS (token 1) early, but min_tokens holds it past that
+        r = make_request(f"mintok{i}", prompt, max_tokens=40)
+        r.sampling_params.min_tokens = 5 + i
+        out.append(r)
+        r = make_request(f"logprobs{i}", prompt, max_tokens=12)
+        r.sampling_params.logprobs = 2
+        out.append(r)
+        r = make_request(f"rep{i}", prompt, max_tokens=40)
+        r.sampling_params.repetition_detection = RepetitionDetectionParams(
+            max_pattern_size=1, min_count=4 + i)
+        out.append(r)
+        # runs into max_model_len (160)
+        out.append(make_request(f"long{i}", [3 + k % 500 for k in range(140 + i)],
+                                max_tokens=100))
+    return out
+
+
+def run_special(make_scheduler, **kwargs):
+    scheduler = make_scheduler(ASYNCBATCH, num_blocks=400, max_num_seqs=32,
+                               max_num_batched_tokens=512, max_model_len=160, **kwargs)
+    steps = record(scheduler)
+    engine = SimEngine(scheduler, token_fn=tokens)
+    for request in special_requests():
+        engine.add_request(request)
+    engine.run()
+    return scheduler, steps, engine
+
+
+def test_every_stop_rule_the_same(make_scheduler):
+    on, steps_on, engine_on = run_special(make_scheduler, **settings(policy="fcfs"))
+    _, steps_off, engine_off = run_special(
+        make_scheduler, **settings(policy="fcfs", decode_fast_output=False))
+    assert on.decode_fast_output is not None and on.decode_fast_output.fast > 0
+    reasons = {rid[:-1]: f.finish_reason for rid, f in engine_on.finished.items()}
+    assert reasons == {"plain": "length", "stopid": "stop", "mintok": "stop",
+                       "logprobs": "length", "rep": "repetition", "long": "length"}
+    # min_tokens held the early EOS back
+    assert all(len(engine_on.finished[f"mintok{i}"].output_token_ids) == 5 + i for i in range(4))
+    assert steps_on == steps_off
+    assert engine_on.finished == engine_off.finished
+
+
+@pytest.mark.parametrize("mutation", ["misses_eos", "skips_hashing"])
+def test_a_wrong_fast_path_is_caught(make_scheduler, monkeypatch, mutation):
+    """The comparison can fail: a fast path that misses an EOS, or that skips the
+    block hasher, gives different outputs or state. (Prefix caching is off for
+    the second: with it on, vLLM's cache_blocks fails at once on the missing
+    hashes.)"""
+    kwargs = settings(policy="fcfs")
+    if mutation == "misses_eos":
+        may_stop = fastoutput.DecodeOutputFastPath._may_stop
+
+        def misses_eos(request, params, token, *args):
+            return token != params.eos_token_id and may_stop(request, params, token, *args)
+
+        monkeypatch.setattr(fastoutput.DecodeOutputFastPath, "_may_stop",
+                            staticmethod(misses_eos))
+    else:
+        monkeypatch.setattr(fastoutput.DecodeOutputFastPath, "__init__", _no_hashing_init)
+        kwargs["enable_prefix_caching"] = False
+    on, steps_on, _ = run_special(make_scheduler, **kwargs)
+    monkeypatch.undo()
+    assert on.decode_fast_output is not None and on.decode_fast_output.fast > 0
+    kwargs["additional_config"]["asyncbatch"]["decode_fast_output"] = False
+    _, steps_off, _ = run_special(make_scheduler, **kwargs)
+    assert steps_on != steps_off
+
+
+_init = fastoutput.DecodeOutputFastPath.__init__
+
+
+def _no_hashing_init(self, scheduler, slow):
+    _init(self, scheduler, slow)
+    self.hash_block_size = 10**9  # "no block ever fills"
+
+
+def test_not_installed_where_it_cannot_stand_in():
+    def scheduler(**kw):
+        base = dict(num_spec_tokens=0, num_sampled_tokens_per_step=1, connector=None,
+                    enable_return_routed_experts=False, enable_kv_cache_events=False,
+                    perf_metrics=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert fast_output_gaps(scheduler()) == []
+    assert fast_output_gaps(scheduler(num_spec_tokens=3)) == ["speculative decoding"]
+    assert fast_output_gaps(scheduler(connector=object())) == ["a KV connector"]
+    assert fast_output_gaps(scheduler(enable_kv_cache_events=True)) == [
+        "KV cache events published"]
+    assert fast_output_gaps(scheduler(enable_return_routed_experts=True)) == [
+        "routed experts returned"]
+    metrics = SimpleNamespace(is_enabled=lambda: True)
+    assert fast_output_gaps(scheduler(perf_metrics=metrics)) == [
+        "per-step performance metrics"]
+
+
+def test_off_by_setting(make_scheduler):
+    assert make_scheduler(ASYNCBATCH).decode_fast_output is not None
+    off = make_scheduler(ASYNCBATCH, **settings(decode_fast_output=False))
+    assert off.decode_fast_output is None
