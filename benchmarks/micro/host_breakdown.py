@@ -8,8 +8,8 @@ replay's model folder, admits ``--running`` requests (512-token prompts, 256
 output tokens), lets them all reach decode, then times ``--steps`` steps of
 `SimEngine` (``schedule()`` + ``update_from_output()``, two in flight) while
 `asyncbatch.bench.stacks.StackSampler` samples the stack every millisecond.
-Prints the milliseconds per step and each function's inclusive share of the
-samples. The simulator's own work (fake tokens, bookkeeping) is part of it and
+Prints the milliseconds per step, of which ``schedule()`` and
+``update_from_output()``, and each function's inclusive share of the samples. The simulator's own work (fake tokens, bookkeeping) is part of it and
 shows as ``asyncbatch/sim/...``.
 """
 
@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--settings", type=json.loads, default=None,
                     help='asyncbatch settings, e.g. \'{"policy": "fcfs", "decode_fast_path": '
                          'false}\' (with --scheduler asyncbatch.Scheduler)')
+    ap.add_argument("--no-stacks", action="store_true",
+                    help="time only, without the stack sampler (its thread takes the GIL "
+                         "every millisecond, which shifts time between the timed calls)")
     a = ap.parse_args()
 
     from asyncbatch.bench.replay import replay_model_dir
@@ -51,32 +54,47 @@ def main() -> None:
                                         max_tokens=256, ignore_eos=True))
     while any(r.num_output_tokens == 0 for r in scheduler.running) or scheduler.waiting:
         engine.step()
-    schedule = scheduler.schedule
-    schedule_s = [0.0]
-
-    def timed_schedule(*args, **kwargs):  # the scheduler's own share of each step
-        t = time.perf_counter()
-        try:
-            return schedule(*args, **kwargs)
-        finally:
-            schedule_s[0] += time.perf_counter() - t
-
-    scheduler.schedule = timed_schedule
+    # the scheduler's own two shares of each step
+    seconds = {"schedule": 0.0, "update_from_output": 0.0}
+    for name in seconds:
+        setattr(scheduler, name, _timed(getattr(scheduler, name), name, seconds))
+    if a.no_stacks:
+        per_step_ms = _time_steps(engine, a.steps)
+        print(_headline(a, scheduler, per_step_ms, seconds))
+        return
     with tempfile.TemporaryDirectory() as out:
         sampler = StackSampler(out, interval_s=0.001, thread_id=threading.get_ident())
         sampler.start()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            engine.step()
-        per_step_ms = 1000 * (time.perf_counter() - t0) / a.steps
+        per_step_ms = _time_steps(engine, a.steps)
         sampler.stop()
         data = json.loads(sampler.path.read_text())
     n = data["samples"]
-    print(f"{a.scheduler} {json.dumps(a.settings) if a.settings else ''}, "
-          f"{len(scheduler.running)} running: {per_step_ms:.1f} ms per step, of which "
-          f"schedule() {1000 * schedule_s[0] / a.steps:.1f} ms; {n} stack samples")
+    print(f"{_headline(a, scheduler, per_step_ms, seconds)}; {n} stack samples")
     for key, count in list(data["inclusive"].items())[:a.top]:
         print(f"{100 * count / n:5.1f}%  {key}")
+
+
+def _time_steps(engine, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def _headline(a, scheduler, per_step_ms: float, seconds: dict[str, float]) -> str:
+    shares = ", ".join(f"{name}() {1000 * s / a.steps:.1f} ms" for name, s in seconds.items())
+    return (f"{a.scheduler} {json.dumps(a.settings) if a.settings else ''}, "
+            f"{len(scheduler.running)} running: {per_step_ms:.1f} ms per step, of which "
+            f"{shares}")
+
+def _timed(method, name, seconds):
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds[name] += time.perf_counter() - t
+    return timed
 
 
 if __name__ == "__main__":
