@@ -7,10 +7,11 @@ Builds stock vLLM 0.26's ``AsyncScheduler`` (or ``--scheduler``) from the
 replay's model folder, admits ``--running`` requests (512-token prompts, 256
 output tokens), lets them all reach decode, then times ``--steps`` steps of
 `SimEngine` (``schedule()`` + ``update_from_output()``, two in flight) while
-`asyncbatch.bench.stacks.StackSampler` samples the stack every millisecond.
-Prints the milliseconds per step, of which ``schedule()`` and
-``update_from_output()``, and each function's inclusive share of the samples. The simulator's own work (fake tokens, bookkeeping) is part of it and
-shows as ``asyncbatch/sim/...``.
+`asyncbatch.bench.stacks.StackSampler` samples the stack every millisecond
+(``--no-stacks``: no sampler).  Prints the milliseconds per step, of which
+``schedule()`` and ``update_from_output()``, and each function's inclusive share
+of the samples.  The simulator's own work (fake tokens, bookkeeping) is part of
+it and shows as ``asyncbatch/sim/...``.
 """
 
 from __future__ import annotations
