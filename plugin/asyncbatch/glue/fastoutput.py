@@ -26,7 +26,8 @@ back in vLLM's order.
 The token cannot stop the request when `_may_stop` is False: it mirrors
 ``check_stop`` without the status changes, and any token it cannot rule out goes
 to vLLM's path, where ``check_stop`` decides.  It is installed only where its
-per-request conditions are the whole story (`fast_output_gaps`).  Tests compare
+per-request conditions are the whole story (`fast_output_gaps`), and not on a vLLM
+with patches/0007, which does the same inside its own loop.  Tests compare
 every step's ``EngineCoreOutputs`` and the requests' state with the fast path on
 and off (tests/engine/test_fast_output.py).
 """
@@ -36,8 +37,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import RequestStatus
+
+# vLLM with patches/0007 takes the same requests out of its loop itself
+HAS_VLLM_PLAIN_DECODE_OUTPUT = hasattr(Scheduler, "_update_plain_decode")
 
 
 def fast_output_gaps(scheduler: Any) -> list[str]:

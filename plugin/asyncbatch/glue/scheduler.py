@@ -22,7 +22,11 @@ from vllm.v1.request import Request, RequestStatus
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.config import AsyncBatchConfig
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
-from asyncbatch.glue.fastoutput import DecodeOutputFastPath, fast_output_gaps
+from asyncbatch.glue.fastoutput import (
+    HAS_VLLM_PLAIN_DECODE_OUTPUT,
+    DecodeOutputFastPath,
+    fast_output_gaps,
+)
 from asyncbatch.glue.fastpath import (
     VERIFY_FAST_PATH_ENV,
     DecodeFastPath,
@@ -101,7 +105,9 @@ class Scheduler(AsyncScheduler):
                 fast_path = "off: " + ", ".join(gaps) if gaps else "vLLM's own (patches/0006)"
         self.decode_fast_output: DecodeOutputFastPath | None = None
         fast_output = "off"
-        if settings.decode_fast_output:
+        if settings.decode_fast_output and HAS_VLLM_PLAIN_DECODE_OUTPUT:
+            fast_output = "vLLM's own (patches/0007)"
+        elif settings.decode_fast_output:
             gaps = fast_output_gaps(self)
             if gaps:
                 fast_output = "off: " + ", ".join(gaps)
