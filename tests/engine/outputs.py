@@ -2,7 +2,7 @@
 """What the CPU tests of ``update_from_output`` compare, and requests that exercise
 every stop rule of vLLM's ``check_stop``."""
 
-from asyncbatch.sim.engine import default_token, make_request
+from asyncbatch.sim.engine import SimEngine, default_token, make_request
 
 
 def output_view(o):
@@ -84,3 +84,19 @@ def special_requests():
         out.append(make_request(f"long{i}", [3 + k % 500 for k in range(140 + i)],
                                 max_tokens=100))
     return out
+
+
+# scheduler sizes for `special_requests`: all of them at once, max_model_len 160
+SPECIAL_LIMITS = {"num_blocks": 400, "max_num_seqs": 32, "max_num_batched_tokens": 512,
+                  "max_model_len": 160}
+
+
+def run_special_requests(scheduler):
+    """Run `special_requests` with the `tokens` model to completion; the `record`
+    of every step, and the engine."""
+    steps = record(scheduler)
+    engine = SimEngine(scheduler, token_fn=tokens)
+    for request in special_requests():
+        engine.add_request(request)
+    engine.run()
+    return steps, engine

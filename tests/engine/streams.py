@@ -28,6 +28,11 @@ class Stream:
     stop_at: dict[str, int] = field(default_factory=dict)
 
 
+def settings(**kw) -> dict:
+    """Scheduler keyword arguments that set asyncbatch settings ``kw``."""
+    return {"additional_config": {"asyncbatch": kw}}
+
+
 def prefix_stream(seed: int, *, num_groups: int = 6, members: int = 5,
                   prefix_blocks: int = 4, block_size: int = 16, max_suffix: int = 40,
                   max_tokens: int = 24, spread_steps: int = 30, num_aborts: int = 0,

@@ -9,8 +9,8 @@ the state of every request and of the KV cache manager."""
 from types import SimpleNamespace
 
 import pytest
-from outputs import record, special_requests, tokens
-from streams import ASYNCBATCH, STOCK, feed, prefix_stream
+from outputs import SPECIAL_LIMITS, record, run_special_requests
+from streams import ASYNCBATCH, STOCK, feed, prefix_stream, settings
 
 from asyncbatch.glue import fastoutput
 from asyncbatch.glue.fastoutput import HAS_VLLM_PLAIN_DECODE_OUTPUT, fast_output_gaps
@@ -20,10 +20,6 @@ pytestmark = pytest.mark.skipif(
     HAS_VLLM_PLAIN_DECODE_OUTPUT,
     reason="vLLM with patches/0007 has the same fast path in its own loop "
            "(tests/patches/test_plain_decode_output.py)")
-
-
-def settings(**kw):
-    return {"additional_config": {"asyncbatch": kw}}
 
 
 def run_stream(make_scheduler, stream, cls=ASYNCBATCH, num_blocks=48, **kwargs):
@@ -66,14 +62,8 @@ def test_same_outputs_as_stock(make_scheduler):
 
 
 def run_special(make_scheduler, **kwargs):
-    scheduler = make_scheduler(ASYNCBATCH, num_blocks=400, max_num_seqs=32,
-                               max_num_batched_tokens=512, max_model_len=160, **kwargs)
-    steps = record(scheduler)
-    engine = SimEngine(scheduler, token_fn=tokens)
-    for request in special_requests():
-        engine.add_request(request)
-    engine.run()
-    return scheduler, steps, engine
+    scheduler = make_scheduler(ASYNCBATCH, **SPECIAL_LIMITS, **kwargs)
+    return scheduler, *run_special_requests(scheduler)
 
 
 def test_every_stop_rule_the_same(make_scheduler):

@@ -9,7 +9,7 @@ also check that the steps scheduled are the same with and without it."""
 from types import SimpleNamespace
 
 import pytest
-from streams import ASYNCBATCH, STOCK, feed, prefix_stream, trace_steps
+from streams import ASYNCBATCH, STOCK, feed, prefix_stream, settings, trace_steps
 
 from asyncbatch.glue import fastpath
 from asyncbatch.glue.fastpath import (
@@ -23,10 +23,6 @@ pytestmark = pytest.mark.skipif(
     HAS_VLLM_STEADY_DECODE_PATH,
     reason="vLLM with patches/0006 answers these calls itself "
            "(tests/patches/test_steady_decode.py)")
-
-
-def settings(**kw):
-    return {"additional_config": {"asyncbatch": kw}}
 
 
 def run(make_scheduler, cls, stream, num_blocks=48, **kwargs):

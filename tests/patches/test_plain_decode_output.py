@@ -7,7 +7,7 @@ compares, after every ``update_from_output``, the outputs it returned (in order)
 and the state of every request and of the KV cache manager."""
 
 import pytest
-from outputs import record, special_requests, tokens
+from outputs import SPECIAL_LIMITS, record, run_special_requests
 from streams import STOCK, feed, prefix_stream
 
 from asyncbatch.glue.fastoutput import HAS_VLLM_PLAIN_DECODE_OUTPUT
@@ -42,14 +42,9 @@ def run_stream(model_dir, stream, *, fast: bool, **kwargs):
 
 
 def run_special(model_dir, *, fast: bool):
-    scheduler = build_scheduler(model_dir, STOCK, num_blocks=400, max_num_seqs=32,
-                                max_num_batched_tokens=512, max_model_len=160)
+    scheduler = build_scheduler(model_dir, STOCK, **SPECIAL_LIMITS)
     answered = instrument(scheduler, fast=fast)
-    steps = record(scheduler)
-    engine = SimEngine(scheduler, token_fn=tokens)
-    for request in special_requests():
-        engine.add_request(request)
-    engine.run()
+    steps, engine = run_special_requests(scheduler)
     return steps, answered, engine
 
 

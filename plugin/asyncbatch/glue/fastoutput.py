@@ -75,7 +75,6 @@ class DecodeOutputFastPath:
     """
 
     def __init__(self, scheduler: Any, slow: Any) -> None:
-        self.scheduler = scheduler
         self.slow_path = slow
         self.requests: dict[str, Any] = scheduler.requests
         self.kv_cache_manager = scheduler.kv_cache_manager
