@@ -12,6 +12,7 @@ hooks proposed in ``patches/`` it needs neither.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import overload
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue
@@ -71,12 +72,20 @@ class PolicyRequestQueue(RequestQueue):
         return self._requests.pop(self.policy.pop())
 
     def remove_request(self, request: Request) -> None:
+        # As vLLM's queues (``deque.remove``, ``list.remove``): absent is a ValueError.
+        if request.request_id not in self._requests:
+            raise ValueError(f"request {request.request_id!r} is not in the waiting queue")
         self.policy.remove(request.request_id)
         del self._requests[request.request_id]
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
+        # vLLM removes a finished request from `waiting` and `skipped_waiting` with the
+        # same list (``Scheduler.finish_requests``): remove what is here, ignore the rest.
+        held = self._requests
         for request in requests:
-            self.remove_request(request)
+            if held.get(request.request_id) is request:
+                self.policy.remove(request.request_id)
+                del held[request.request_id]
 
     def __bool__(self) -> bool:
         if self.gated:
@@ -99,6 +108,17 @@ class PolicyRequestQueue(RequestQueue):
 
     def __iter__(self) -> Iterator[Request]:
         return (self._requests[rid] for rid in self.policy)
+
+    @overload
+    def __getitem__(self, index: int) -> Request: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Request]: ...
+
+    def __getitem__(self, index: int | slice) -> Request | list[Request]:
+        """The request(s) at ``index`` in admission order, as vLLM's FCFS queue (a
+        deque) answers. O(n): for inspection, not for the scheduling path."""
+        return list(self)[index]
 
     def __contains__(self, request: object) -> bool:
         return getattr(request, "request_id", None) in self._requests

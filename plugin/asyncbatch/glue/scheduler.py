@@ -74,6 +74,16 @@ class Scheduler(AsyncScheduler):
 
     waiting: PolicyRequestQueue
 
+    # Class-level defaults: a scheduler whose state is set without ``__init__`` (vLLM's
+    # own tests build one with ``object.__new__`` and assign what they use) behaves as
+    # vLLM's AsyncScheduler. ``__init__`` sets each of these on the instance.
+    asyncbatch_config = AsyncBatchConfig()
+    pipeline_depth = STOCK_DEPTH
+    prefix_policy: PrefixGroupingPolicy | None = None
+    decode_fast_path: DecodeFastPath | None = None
+    decode_fast_output: DecodeOutputFastPath | None = None
+    _policy_step_open = False
+
     def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
         check_vllm_version()
         reason = async_scheduling_disabled_reason(vllm_config)
@@ -246,9 +256,12 @@ class Scheduler(AsyncScheduler):
         return cached.get_one_block(key) is not None
 
     def on_request_finished(self, request: Request) -> None:
+        policy = self.prefix_policy
+        if policy is None:
+            return
         # Learn output lengths from requests that ended on their own.
-        if self.prefix_policy is not None and request.status != RequestStatus.FINISHED_ABORTED:
-            self.prefix_policy.on_finished(request.num_output_tokens, request.max_tokens)
+        if request.status != RequestStatus.FINISHED_ABORTED:
+            policy.on_finished(request.num_output_tokens, request.max_tokens)
         self._num_cached_tokens.pop(request.request_id, None)
 
     if not HAS_FINISHED_HOOK:

@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Adapter that runs vLLM's own ``tests/v1/core`` against a chosen scheduler.
+
+`conformance/run.py` copies this file to ``tests/conftest.py`` of a tree staged
+from vLLM's source distribution, in place of vLLM's root conftest (which serves
+the whole vLLM test suite: hub downloads, GPU clean-up, servers).  The test
+files themselves are vLLM's, unedited.  ``ASYNCBATCH_CONFORMANCE`` picks the
+scheduler that every scheduler the tests build becomes:
+
+- ``stock``: vLLM's ``AsyncScheduler`` (the reference);
+- ``fcfs`` / ``prefix``: ``asyncbatch.Scheduler`` with that ``policy``.
+
+Each is built with async scheduling on (vLLM's CpuPlatform switches it off, and
+a test that asks for the synchronous ``Scheduler`` gets the asynchronous one),
+so the reference and the plugin run the same protocol.  Outcomes are written to
+``ASYNCBATCH_CONFORMANCE_OUT`` as JSON (test id -> passed/failed/skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+VARIANT = os.environ.get("ASYNCBATCH_CONFORMANCE", "stock")
+if VARIANT not in ("stock", "fcfs", "prefix"):
+    raise pytest.UsageError(f"ASYNCBATCH_CONFORMANCE={VARIANT!r}: use stock, fcfs or prefix")
+
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+# Every fast answer of asyncbatch's decode fast path is checked against vLLM's path.
+os.environ.setdefault("ASYNCBATCH_VERIFY_FAST_PATH", "1")
+
+from asyncbatch.sim.engine import use_cpu_platform  # noqa: E402
+
+use_cpu_platform()
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler  # noqa: E402
+
+
+def _scheduler_under_test() -> type:
+    if VARIANT == "stock":
+        base: type = AsyncScheduler
+    else:
+        import asyncbatch
+
+        base = asyncbatch.Scheduler
+
+    class ConformanceScheduler(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *, vllm_config: Any, **kwargs: Any) -> None:
+            vllm_config.scheduler_config.async_scheduling = True
+            if VARIANT != "stock":
+                extra = dict(vllm_config.additional_config or {})
+                extra["asyncbatch"] = {**extra.get("asyncbatch", {}), "policy": VARIANT}
+                vllm_config.additional_config = extra
+            super().__init__(vllm_config=vllm_config, **kwargs)
+
+    ConformanceScheduler.__qualname__ = ConformanceScheduler.__name__ = (
+        f"{base.__name__}Under{VARIANT.capitalize()}")
+    return ConformanceScheduler
+
+
+SCHEDULER = _scheduler_under_test()
+
+
+_STOCK_CLASSES = (VllmScheduler, AsyncScheduler)
+
+
+def _switch(module: Any) -> None:
+    for name, value in list(vars(module).items()):
+        if any(value is cls for cls in _STOCK_CLASSES):
+            setattr(module, name, SCHEDULER)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Test modules bind vLLM's classes at import (``from ... import Scheduler``):
+    # rebind them in every module of the staged tree once collection imported it.
+    for name, module in list(sys.modules.items()):
+        if module is not sys.modules[__name__] and (
+                name.startswith("tests.") or name.startswith("test_")):
+            _switch(module)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # vLLM's markers (its pyproject.toml), so that --strict-markers setups accept them.
+    for marker in ("slow_test", "skip_global_cleanup", "core_model", "hybrid_model",
+                   "cpu_model", "cpu_test", "split", "distributed", "optional"):
+        config.addinivalue_line("markers", f"{marker}: vLLM test marker")
+
+
+_outcomes: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    nodeid = report.nodeid
+    if report.when == "call" or report.outcome != "passed":
+        if report.outcome == "failed" or nodeid not in _outcomes:
+            _outcomes[nodeid] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = os.environ.get("ASYNCBATCH_CONFORMANCE_OUT")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"variant": VARIANT, "scheduler": SCHEDULER.__name__,
+                       "outcomes": dict(sorted(_outcomes.items()))}, f, indent=1)
