@@ -3,7 +3,7 @@
 VENV = $(shell scripts/venv.sh)
 PY = $(VENV)/bin/python
 
-.PHONY: test replay demo lint env
+.PHONY: test replay demo lint env conformance
 
 env:
 	@scripts/venv.sh
@@ -14,9 +14,13 @@ test:
 replay:
 	$(PY) -m asyncbatch.bench.cli replay
 
+# vLLM's own tests/v1/core against asyncbatch.Scheduler (conformance/run.py)
+conformance:
+	$(PY) conformance/run.py
+
 demo:
 	$(PY) -m asyncbatch.demo
 
 lint:
-	$(PY) -m ruff check --no-cache plugin tests benchmarks
+	$(PY) -m ruff check --no-cache plugin tests benchmarks conformance
 	$(PY) -m mypy

@@ -8,7 +8,8 @@ files themselves are vLLM's, unedited.  ``ASYNCBATCH_CONFORMANCE`` picks the
 scheduler that every scheduler the tests build becomes:
 
 - ``stock``: vLLM's ``AsyncScheduler`` (the reference);
-- ``fcfs`` / ``prefix``: ``asyncbatch.Scheduler`` with that ``policy``.
+- ``fcfs`` / ``prefix``: ``asyncbatch.Scheduler`` with that ``policy`` (and the
+  settings in ``ASYNCBATCH_CONFORMANCE_SETTINGS``, a JSON object, if set).
 
 Each is built with async scheduling on (vLLM's CpuPlatform switches it off, and
 a test that asks for the synchronous ``Scheduler`` gets the asynchronous one),
@@ -28,6 +29,9 @@ import pytest
 VARIANT = os.environ.get("ASYNCBATCH_CONFORMANCE", "stock")
 if VARIANT not in ("stock", "fcfs", "prefix"):
     raise pytest.UsageError(f"ASYNCBATCH_CONFORMANCE={VARIANT!r}: use stock, fcfs or prefix")
+
+# More asyncbatch settings for the plugin's variants, as a JSON object.
+SETTINGS = json.loads(os.environ.get("ASYNCBATCH_CONFORMANCE_SETTINGS") or "{}")
 
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 # Every fast answer of asyncbatch's decode fast path is checked against vLLM's path.
@@ -54,7 +58,8 @@ def _scheduler_under_test() -> type:
             vllm_config.scheduler_config.async_scheduling = True
             if VARIANT != "stock":
                 extra = dict(vllm_config.additional_config or {})
-                extra["asyncbatch"] = {**extra.get("asyncbatch", {}), "policy": VARIANT}
+                extra["asyncbatch"] = {**extra.get("asyncbatch", {}), **SETTINGS,
+                                       "policy": VARIANT}
                 vllm_config.additional_config = extra
             super().__init__(vllm_config=vllm_config, **kwargs)
 
@@ -95,10 +100,12 @@ _outcomes: dict[str, str] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    nodeid = report.nodeid
-    if report.when == "call" or report.outcome != "passed":
-        if report.outcome == "failed" or nodeid not in _outcomes:
-            _outcomes[nodeid] = report.outcome
+    # A test failed if any phase failed; else it took the outcome of its call, or
+    # was skipped (in setup or call).
+    if report.outcome == "failed":
+        _outcomes[report.nodeid] = "failed"
+    elif report.when == "call" or report.outcome == "skipped":
+        _outcomes.setdefault(report.nodeid, report.outcome)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

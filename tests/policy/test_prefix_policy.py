@@ -88,11 +88,35 @@ def test_resident_prefix_is_reused_first():
 
 def test_priority_semantics():
     p = policy(use_priority=True, decode_first=False)
-    p.add(view("low-a", prefix=("a",), priority=5))
-    p.add(view("high-b", prefix=("b",), priority=0))
-    p.add(view("low-a2", prefix=("a",), priority=5))
-    p.add(view("high-a", prefix=("a",), priority=0))
+    p.add(view("low-a", prefix=("a",), priority=5, arrival=1.0))
+    p.add(view("high-b", prefix=("b",), priority=0, arrival=2.0))
+    p.add(view("low-a2", prefix=("a",), priority=5, arrival=3.0))
+    p.add(view("high-a", prefix=("a",), priority=0, arrival=4.0))
     assert drain(p) == ["high-b", "high-a", "low-a", "low-a2"]
+
+
+def test_equal_priorities_go_by_arrival_time_then_request_id():
+    # vLLM's Request.__lt__: (priority, arrival_time, request_id), whatever order
+    # add_request saw them in.
+    p = policy(use_priority=True, decode_first=False, grouping=False)
+    p.add(view("r0", priority=1, arrival=3.0))
+    p.add(view("r1", priority=1, arrival=1.0))
+    p.add(view("r3", priority=1, arrival=2.0))
+    p.add(view("r2", priority=1, arrival=2.0))
+    assert drain(p) == ["r1", "r2", "r3", "r0"]
+    # Members of one prefix group too.
+    p = policy(use_priority=True, decode_first=False)
+    p.add(view("late", prefix=("a",), priority=0, arrival=9.0))
+    p.add(view("early", prefix=("a",), priority=0, arrival=1.0))
+    assert drain(p) == ["early", "late"]
+
+
+def test_prompt_that_is_a_prefix_of_an_earlier_one_keeps_its_place():
+    p = policy(decode_first=False)
+    p.add(view("long", prefix=("a", "b", "c"), suffix_blocks=0))
+    p.add(view("short", prefix=("a", "b"), suffix_blocks=0))
+    p.add(view("branch", prefix=("a", "x"), suffix_blocks=0))
+    assert drain(p) == ["long", "short", "branch"]
 
 
 def test_remove_from_open_unit_and_readd():

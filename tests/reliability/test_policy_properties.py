@@ -6,11 +6,13 @@ admits requests step by step, as vLLM's scheduler does, and checks after every
 operation against a plain model of the waiting set:
 
 - no request is lost or duplicated, and the policy admits only waiting requests;
-- requests put back by preemption come first (last put back first, or by
-  priority under --scheduling-policy priority);
-- once a group is opened its waiting members follow (wait bound off);
-- a request is overtaken by later arrivals in at most ``max_wait_steps + 1``
-  scheduler steps;
+- requests put back by preemption come first (last put back first); under
+  --scheduling-policy priority every admitted request has the most urgent
+  priority waiting, and those put back come first within it, by vLLM's order;
+- once a group is opened its waiting members follow (wait bound off), unless a
+  more urgent priority arrives;
+- a request is overtaken by requests after it in vLLM's order (arrival, or
+  priority then arrival time) in at most ``max_wait_steps + 1`` scheduler steps;
 - the memory gate never closes when nothing runs, nor with room to spare;
 - when every request is gone, no internal state is left.
 """
@@ -112,7 +114,7 @@ class PrefixPolicyMachine(RuleBasedStateMachine):
             running_state = [(8, 2), (30, 3)] if running else []
             num_free = free_blocks if tight else 10**9
             self.policy.begin_step(StepState(num_free, list(running_state), now=self.clock))
-            admitted_seqs = []
+            admitted_keys = []
             for i in range(n):
                 if not self.waiting:
                     assert not self.policy.admissible()
@@ -127,13 +129,13 @@ class PrefixPolicyMachine(RuleBasedStateMachine):
                 w = self.waiting.pop(rid)
                 self._close_emptied_unit()
                 if w.seq is not None:
-                    admitted_seqs.append(w.seq)
+                    admitted_keys.append(self._order_key(w))
                 out.append(w.view)
             self.policy.end_step()
-            if admitted_seqs:
-                latest = max(admitted_seqs)
+            if admitted_keys:
+                latest = max(admitted_keys)
                 for w in self.waiting.values():
-                    if w.seq is not None and w.seq < latest:
+                    if w.seq is not None and self._order_key(w) < latest:
                         w.num_bypassed += 1
                         assert w.num_bypassed <= self.max_wait_steps + 1, (
                             f"{w.view.request_id} overtaken in {w.num_bypassed} steps, "
@@ -182,10 +184,20 @@ class PrefixPolicyMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------- properties
 
+    def _order_key(self, w: Waiting) -> tuple:
+        """vLLM's order of waiting requests (``Request.__lt__`` under priority)."""
+        if self.use_priority:
+            return (w.view.priority, w.view.arrival_time, w.view.request_id)
+        return (w.seq,)
+
     def _check_admitted(self, rid: str) -> None:
         assert rid in self.waiting, f"admitted {rid}, which is not waiting"
         w = self.waiting[rid]
         fronts = [x for x in self.waiting.values() if x.seq is None]
+        if self.use_priority:
+            most_urgent = min(x.view.priority for x in self.waiting.values())
+            assert w.view.priority == most_urgent, "a less urgent priority went first"
+            fronts = [x for x in fronts if x.view.priority == most_urgent]
         if fronts:
             assert w.seq is None, "a new request went before one put back by preemption"
             if self.use_priority:
@@ -197,7 +209,7 @@ class PrefixPolicyMachine(RuleBasedStateMachine):
             return
         if self.max_wait_steps >= 10_000 and self.open_unit is not None:
             siblings = [x for x in self.waiting.values() if x.unit == self.open_unit]
-            if siblings:
+            if siblings and w.unit[0] == self.open_unit[0]:
                 assert w.unit == self.open_unit, "left an opened group with members waiting"
         self.open_unit = w.unit
 

@@ -242,10 +242,14 @@ class Scheduler(AsyncScheduler):
                 own = -(-computed // block_size) - cached.get(r.request_id, 0) // block_size
                 left = expected(r.num_prompt_tokens, r.max_tokens) - computed
                 running.append((max(left, 0), max(own, 0)))
+        lowest = None
+        if policy.use_priority and self.running:
+            lowest = max(r.priority for r in self.running)
         return StepState(
             num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
             running=running,
             now=time.time(),
+            lowest_running_priority=lowest,
         )
 
     def _is_cached(self, block_hash: Hashable) -> bool:

@@ -58,6 +58,9 @@ class StepState:
     running: list[tuple[int, int]]
     # seconds since the epoch (vLLM's arrival_time clock)
     now: float
+    # largest (least urgent) vLLM priority among the running requests; None when
+    # nothing runs or scheduling is not by priority
+    lowest_running_priority: int | None = None
 
 
 class KVForecast:
@@ -130,7 +133,8 @@ class _Unit:
     key: Hashable
     root: Hashable | None
     priority: int
-    first_seq: int
+    # arrival key (see `_Entry.arrival`) of the member that formed the unit
+    first_arrival: tuple
     # request ids, insertion ordered; a dict is an ordered set with O(1) removal
     members: dict[str, None] = field(default_factory=dict)
     num_max_tokens: int = 0
@@ -146,6 +150,9 @@ class _Unit:
 class _Entry:
     view: RequestView
     seq: int
+    # vLLM's own order of waiting requests: the order `add` saw them under FCFS;
+    # (priority, arrival_time, request_id) under priority scheduling (`Request.__lt__`).
+    arrival: tuple
     unit: _Unit | None
     # value of the deviation-step counter when the request arrived
     deviations_at_entry: int
@@ -203,8 +210,8 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._uid = itertools.count()
         # unit key -> unit with waiting members
         self._units: dict[Hashable, _Unit] = {}
-        # (priority, -decode bucket, first_seq, uid, version): lazily invalidated
-        self._heap: list[tuple[int, int, int, int, int]] = []
+        # (priority, -decode bucket, first_arrival, uid, version): lazily invalidated
+        self._heap: list[tuple[int, int, tuple, int, int]] = []
         # uid -> unit, for units in `_heap` (stale heap entries resolve to None)
         self._by_uid: dict[int, _Unit] = {}
         # uid -> unit whose prefix is believed cached (a member was admitted, or
@@ -217,8 +224,8 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._front: list[tuple[int, float, str]] = []
         self._front_ids: set[str] = set()
         self._num_prepends = itertools.count()
-        # arrival order of the non-front requests: (seq, request_id)
-        self._fifo: deque[tuple[int, str]] = deque()
+        # heap of the non-front requests by arrival: (arrival key, request_id)
+        self._fifo: list[tuple[tuple, str]] = []
 
         # wait-bound bookkeeping
         self._num_deviation_steps = 0
@@ -243,9 +250,10 @@ class PrefixGroupingPolicy(WaitingPolicy):
         if rid in self._entries:
             raise ValueError(f"request {rid!r} is already waiting")
         seq = next(self._seq)
-        unit = self._unit_for(view, seq)
-        self._entries[rid] = _Entry(view, seq, unit, self._num_deviation_steps)
-        self._fifo.append((seq, rid))
+        arrival = (view.priority, view.arrival_time, rid) if self.use_priority else (seq,)
+        unit = self._unit_for(view, arrival)
+        self._entries[rid] = _Entry(view, seq, arrival, unit, self._num_deviation_steps)
+        heapq.heappush(self._fifo, (arrival, rid))
         unit.members[rid] = None
         unit.num_max_tokens += view.max_tokens
         unit.num_prompt_tokens += view.num_prompt_tokens
@@ -266,7 +274,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
             key = (0, -float(next(self._num_prepends)), rid)
         heapq.heappush(self._front, key)
         self._front_ids.add(rid)
-        self._entries[rid] = _Entry(view, next(self._seq), None, self._num_deviation_steps)
+        self._entries[rid] = _Entry(view, next(self._seq), (), None, self._num_deviation_steps)
         self._next = None
 
     def remove(self, request_id: str) -> None:
@@ -280,9 +288,9 @@ class PrefixGroupingPolicy(WaitingPolicy):
             self.stats.num_overdue_admissions += 1
         # Out of arrival order: the oldest waiting request (read before this one
         # leaves) is another one.  Preempted requests go first in vLLM too.
-        oldest = self._fifo_oldest_seq()
+        oldest = self._fifo_oldest()
         entry = self._entries.pop(rid)
-        if entry.unit is not None and oldest is not None and oldest != entry.seq:
+        if entry.unit is not None and oldest is not None and oldest != rid:
             self._deviated_this_step = True
         self._forget(entry)
         if entry.unit is not None:
@@ -339,6 +347,12 @@ class PrefixGroupingPolicy(WaitingPolicy):
         entry = self._entries[rid]
         if entry.unit is None or self._is_overdue(entry, state):
             return True
+        # Under priority scheduling vLLM lets a request displace (by preemption) the
+        # running requests of lower priority: the forecast, which protects running
+        # requests from preemption, does not hold it back from them.
+        low = state.lowest_running_priority
+        if self.use_priority and low is not None and entry.view.priority < low:
+            return True
         if not state.running and self._num_admitted == 0:
             return True
         forecast = self._forecast
@@ -394,7 +408,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
 
     # --------------------------------------------------------------- internals
 
-    def _unit_for(self, view: RequestView, seq: int) -> _Unit:
+    def _unit_for(self, view: RequestView, arrival: tuple) -> _Unit:
         priority = view.priority if self.use_priority else 0
         k = self.min_shared_blocks
         if self.grouping and len(view.block_hashes) >= k:
@@ -407,7 +421,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         unit = self._units.get(key)
         if unit is None:
             unit = _Unit(uid=next(self._uid), key=key, root=root, priority=priority,
-                         first_seq=seq)
+                         first_arrival=arrival)
             self._units[key] = unit
             if root is not None and self.is_cached(root):
                 self._resident[unit.uid] = unit
@@ -422,8 +436,8 @@ class PrefixGroupingPolicy(WaitingPolicy):
         ratio = unit.num_max_tokens / uncomputed
         return -round(2 * math.log2(max(ratio, 1e-6)))
 
-    def _unit_key(self, unit: _Unit) -> tuple[int, int, int]:
-        return (unit.priority, self._decode_bucket(unit), unit.first_seq)
+    def _unit_key(self, unit: _Unit) -> tuple[int, int, tuple]:
+        return (unit.priority, self._decode_bucket(unit), unit.first_arrival)
 
     def _push(self, unit: _Unit) -> None:
         unit.version += 1
@@ -459,14 +473,15 @@ class PrefixGroupingPolicy(WaitingPolicy):
         if self._open is unit:
             self._open = None
 
-    def _fifo_oldest_seq(self) -> int | None:
+    def _fifo_oldest(self) -> str | None:
+        """The id of the earliest arrival among the waiting (non-front) requests."""
         fifo, entries = self._fifo, self._entries
         while fifo:
-            seq, rid = fifo[0]
+            arrival, rid = fifo[0]
             entry = entries.get(rid)
-            if entry is not None and entry.seq == seq:
-                return seq
-            fifo.popleft()
+            if entry is not None and entry.arrival == arrival and entry.unit is not None:
+                return rid
+            heapq.heappop(fifo)
         return None
 
     def _is_overdue(self, entry: _Entry, state: StepState | None) -> bool:
@@ -482,16 +497,20 @@ class PrefixGroupingPolicy(WaitingPolicy):
         while front:
             rid = front[0][2]
             if rid in self._front_ids and rid in self._entries:
-                return rid
+                # Put back by preemption: first, as in vLLM; under priority scheduling
+                # first among its priority (vLLM orders it by priority like the rest).
+                if not self.use_priority or front[0][0] <= self._best_waiting_priority():
+                    return rid
+                break
             heapq.heappop(front)
-        oldest = self._fifo_oldest_seq()
-        if oldest is not None:
-            rid = self._fifo[0][1]
-            entry = self._entries[rid]
-            if self._is_overdue(entry, self._state):
-                self._overdue_pick = rid
-                return rid
-        if self._open is not None:
+        oldest = self._fifo_oldest()
+        if oldest is not None and self._is_overdue(self._entries[oldest], self._state):
+            self._overdue_pick = oldest
+            return oldest
+        # The open unit's members follow, unless (under priority scheduling) a more
+        # urgent request now waits.
+        if self._open is not None and (not self.use_priority
+                                       or self._open.priority <= self._top_priority()):
             member = self._next_member(self._open)
             if member is not None:
                 return member
@@ -505,21 +524,26 @@ class PrefixGroupingPolicy(WaitingPolicy):
 
     def _siblings_in_order(self, unit: _Unit) -> list[str]:
         """Members with the longest common prefix next to each other, and otherwise
-        in arrival order.  Each deeper block hash is ranked by the first member
-        (in arrival order) that has it, so the order does not depend on hash
-        values, which vLLM seeds at random."""
-        members = list(unit.members)  # arrival order
+        in arrival order: a depth-first walk of the members' block-hash trie in
+        which each branch ranks by the first member (in arrival order) that takes
+        it, and a member whose prompt ends at a node ranks there by its own
+        arrival, so a prompt that is a prefix of an earlier one does not jump
+        ahead of it.  Ranks never depend on hash values, which vLLM seeds at
+        random."""
+        entries = self._entries
+        members = sorted(unit.members, key=lambda rid: entries[rid].arrival)
         if len(members) < 2 or unit.root is None:
             return members
         k = self.min_shared_blocks
-        hashes = {rid: self._entries[rid].view.block_hashes[k:] for rid in members}
+        hashes = {rid: entries[rid].view.block_hashes[k:] for rid in members}
         # block hash -> index of the first member with it (hashes are chained, so a
         # hash is unique to its depth and to everything before it)
         first: dict[Hashable, int] = {}
         for i, rid in enumerate(members):
             for h in hashes[rid]:
                 first.setdefault(h, i)
-        members.sort(key=lambda rid: tuple(first[h] for h in hashes[rid]))
+        rank = {rid: (*(first[h] for h in hashes[rid]), i) for i, rid in enumerate(members)}
+        members.sort(key=rank.__getitem__)
         return members
 
     def _next_member(self, unit: _Unit) -> str | None:
@@ -562,6 +586,14 @@ class PrefixGroupingPolicy(WaitingPolicy):
                 return unit
             heapq.heappop(heap)
         return None
+
+    def _best_waiting_priority(self) -> int:
+        """The most urgent priority among the waiting requests that are not in front."""
+        best = self._top_priority()
+        unit = self._open
+        if unit is not None and unit.members and unit.priority < best:
+            best = unit.priority
+        return best
 
     def _top_priority(self) -> int:
         unit = self._heap_top()
