@@ -111,6 +111,15 @@ def test_equal_priorities_go_by_arrival_time_then_request_id():
     assert drain(p) == ["early", "late"]
 
 
+def test_open_group_yields_to_a_more_urgent_request_and_is_admitted_after_it():
+    p = policy(use_priority=True, decode_first=False)
+    for i in range(3):
+        p.add(view(f"g{i}", prefix=("a",), priority=1, arrival=float(i)))
+    assert p.pop() == "g0"
+    p.add(view("urgent", priority=0, arrival=9.0))
+    assert drain(p) == ["urgent", "g1", "g2"]
+
+
 def test_prompt_that_is_a_prefix_of_an_earlier_one_keeps_its_place():
     p = policy(decode_first=False)
     p.add(view("long", prefix=("a", "b", "c"), suffix_blocks=0))

@@ -214,3 +214,92 @@ def test_front_end_rejects_bad_prompts_and_the_others_are_served(model_dir, cls)
     run_with_checks(engine)
     assert len(engine.finished["one-token"].output_token_ids) == 8
     assert len(engine.finished["ok"].output_token_ids) == 8
+
+
+def pending_grammar(request):
+    """Hold ``request``'s grammar compilation open (as EngineCore's thread pool does
+    while it compiles) and return the future that ends it."""
+    from concurrent.futures import Future
+
+    future = Future()
+    request.structured_output_request._grammar = future
+    return future
+
+
+def grammar_request(engine, rid, prompt):
+    from asyncbatch.sim.engine import make_request
+    from asyncbatch.sim.soak import GRAMMAR_REGEX
+
+    request = make_request(rid, prompt, max_tokens=6, regex=GRAMMAR_REGEX)
+    engine.scheduler.structured_output_manager.grammar_init(request)
+    compiled = request.structured_output_request._grammar
+    engine.outputs[rid] = []
+    return request, compiled
+
+
+@BOTH
+@pytest.mark.parametrize("policy", ["prefix", "fcfs"])
+def test_grammar_that_fails_to_compile_ends_that_request_with_vllms_error(
+        model_dir, cls, policy):
+    """The request whose grammar fails waits in skipped_waiting; vLLM finishes it
+    with FINISHED_ERROR and removes it from both waiting queues with one list."""
+    from asyncbatch.sim.engine import SimEngine, build_scheduler
+
+    extra = {} if cls == STOCK else {"additional_config": {"asyncbatch": {"policy": policy}}}
+    engine = SimEngine(build_scheduler(model_dir, cls, num_blocks=64, **extra))
+    bad, _ = grammar_request(engine, "bad-grammar", list(range(2, 30)))
+    future = pending_grammar(bad)
+    engine.scheduler.add_request(bad)
+    for r in normal_requests():
+        engine.add_request(r)
+    engine.step()
+    assert bad in engine.scheduler.skipped_waiting
+    future.set_exception(RuntimeError("grammar does not compile"))
+    run_with_checks(engine)
+    assert engine.finished["bad-grammar"].finish_reason == "error"
+    assert engine.finished["bad-grammar"].output_token_ids == []
+    assert all(engine.finished[f"ok{i}"].finish_reason == "length" for i in range(6))
+
+
+@BOTH
+@pytest.mark.parametrize("policy", ["prefix", "fcfs"])
+def test_abort_while_the_grammar_compiles(model_dir, cls, policy):
+    from asyncbatch.sim.engine import SimEngine, build_scheduler
+
+    extra = {} if cls == STOCK else {"additional_config": {"asyncbatch": {"policy": policy}}}
+    engine = SimEngine(build_scheduler(model_dir, cls, num_blocks=64, **extra))
+    request, compiled = grammar_request(engine, "compiling", list(range(2, 30)))
+    pending_grammar(request)
+    engine.scheduler.add_request(request)
+    for r in normal_requests():
+        engine.add_request(r)
+    engine.step()
+    engine.abort(["compiling"])
+    assert "compiling" not in engine.scheduler.requests
+    assert request not in engine.scheduler.skipped_waiting
+    run_with_checks(engine)
+    assert engine.finished["compiling"].finish_reason == "abort"
+    assert all(engine.finished[f"ok{i}"].finish_reason == "length" for i in range(6))
+
+
+@BOTH
+def test_abort_racing_a_finish(model_dir, cls):
+    """The abort arrives while the step that finishes the request is in flight:
+    the request ends once, by the abort (EngineCore applies aborts before it
+    processes the step's output), and its late token is dropped."""
+    from asyncbatch.sim.engine import SimEngine, build_scheduler, make_request
+
+    engine = SimEngine(build_scheduler(model_dir, cls, num_blocks=64))
+    engine.add_request(make_request("short", list(range(2, 12)), max_tokens=2))
+    for r in normal_requests():
+        engine.add_request(r)
+    while not any(out.num_scheduled_tokens.get("short") and
+                  engine.scheduler.requests["short"].num_output_placeholders
+                  + engine.scheduler.requests["short"].num_output_tokens >= 2
+                  for out, _, _ in engine.in_flight):
+        engine.step()
+    engine.abort(["short"])
+    run_with_checks(engine)
+    record = engine.finished["short"]
+    assert record.finish_reason == "abort" and len(record.output_token_ids) < 2
+    assert all(engine.finished[f"ok{i}"].finish_reason == "length" for i in range(6))

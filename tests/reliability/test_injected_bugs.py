@@ -68,8 +68,25 @@ def test_wait_bound_ignored(model_dir, monkeypatch):
     from asyncbatch.policy.prefix import PrefixGroupingPolicy
 
     monkeypatch.setattr(PrefixGroupingPolicy, "_is_overdue", lambda self, entry, state: False)
-    with pytest.raises(InvariantViolation, match="later arrivals were admitted"):
+    with pytest.raises(InvariantViolation, match="after it in vLLM's order were admitted"):
         soak(model_dir, settings={"max_wait_steps": 4}).run()
+
+
+def test_queue_that_removes_only_what_it_holds_is_required(model_dir, monkeypatch):
+    """The engine crash of a queue that raises for a request it does not hold:
+    vLLM's finish_requests removes an aborted or failed request from the waiting
+    queue and from skipped_waiting with the same list, and requests whose grammar
+    compiles or whose KV loads wait in skipped_waiting."""
+    from asyncbatch.glue.queue import PolicyRequestQueue
+
+    def strict_remove_requests(self, requests):
+        for request in requests:
+            self.remove_request(request)
+
+    monkeypatch.setattr(PolicyRequestQueue, "remove_requests", strict_remove_requests)
+    with pytest.raises(ValueError, match="is not in the waiting queue"):
+        SoakRun(SoakConfig(num_requests=NUM_REQUESTS, seed=11).with_request_states(),
+                model_dir).run()
 
 
 def test_request_lost_from_running(model_dir):

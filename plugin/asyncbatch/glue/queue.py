@@ -53,10 +53,18 @@ class PolicyRequestQueue(RequestQueue):
         self._requests: dict[str, Request] = {}
 
     def add_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            # vLLM's FCFS deque would hold it twice, the first copy in place, and
+            # ``remove_requests`` would then drop both (vLLM 0.26 re-enqueues a
+            # streaming-input session whose chunk ended while it was preempted, and
+            # removes it right after): keep the one copy in place, do not raise.
+            return
         self.policy.add(request_view(request))
         self._requests[request.request_id] = request
 
     def prepend_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            self.remove_request(request)
         self.policy.prepend(request_view(request))
         self._requests[request.request_id] = request
 
@@ -84,8 +92,7 @@ class PolicyRequestQueue(RequestQueue):
         held = self._requests
         for request in requests:
             if held.get(request.request_id) is request:
-                self.policy.remove(request.request_id)
-                del held[request.request_id]
+                self.remove_request(request)
 
     def __bool__(self) -> bool:
         if self.gated:

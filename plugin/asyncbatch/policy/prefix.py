@@ -508,12 +508,15 @@ class PrefixGroupingPolicy(WaitingPolicy):
             self._overdue_pick = oldest
             return oldest
         # The open unit's members follow, unless (under priority scheduling) a more
-        # urgent request now waits.
-        if self._open is not None and (not self.use_priority
-                                       or self._open.priority <= self._top_priority()):
-            member = self._next_member(self._open)
-            if member is not None:
-                return member
+        # urgent request now waits: then the open unit goes back among the others.
+        unit = self._open
+        if unit is not None:
+            if not self.use_priority or unit.priority <= self._top_priority():
+                member = self._next_member(unit)
+                if member is not None:
+                    return member
+            elif unit.members:
+                self._push(unit)
         unit = self._pick_unit()
         self._open = unit
         self.stats.num_units_opened += 1

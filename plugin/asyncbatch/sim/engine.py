@@ -58,6 +58,7 @@ def build_scheduler(
     async_scheduling: bool = True,
     log_stats: bool = True,
     worker_cls: str | None = None,
+    kv_transfer_config: Any = None,
 ) -> Any:
     """A vLLM scheduler over ``num_blocks`` KV blocks of ``block_size`` tokens.
 
@@ -106,6 +107,7 @@ def build_scheduler(
         scheduler_config=scheduler_config,
         cache_config=cache_config,
         additional_config=additional_config or {},
+        kv_transfer_config=kv_transfer_config,
     )
     # The CPU platform turns async scheduling off ("not required on CPU") and may
     # change the block size; put back what was asked for.
@@ -150,6 +152,7 @@ def make_request(
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
     regex: str | None = None,
+    resumable: bool = False,
 ) -> Any:
     """A vLLM ``Request`` with real block hashes (sha256, vLLM's default);
     ``regex`` constrains its output (structured outputs, xgrammar backend).
@@ -180,6 +183,7 @@ def make_request(
         arrival_time=arrival_time,
         priority=priority,
         block_hasher=hasher,
+        resumable=resumable,
     )
 
 
@@ -283,6 +287,9 @@ class SimEngine:
     in_flight: deque = field(default_factory=deque)
     # the SchedulerOutput made by the last `step`, None if it only completed one
     last_scheduled: Any = None
+    # the worker's KV connector report for each completed step (`KVConnectorOutput`
+    # or None), for runs with a KV connector
+    kv_output: Callable[[], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight is None:
@@ -314,16 +321,18 @@ class SimEngine:
     def has_work(self) -> bool:
         return bool(self.in_flight) or self.scheduler.has_requests()
 
-    def step(self) -> None:
+    def step(self, force: bool = False) -> None:
         """One pass of ``EngineCore.step_with_batch_queue``, structured outputs
         included: a step whose requests still wait on an earlier step's token
         (``pending_structured_output_tokens``) gets its grammar bitmask only after
-        the oldest step in flight has been processed, as EngineCore defers it."""
+        the oldest step in flight has been processed, as EngineCore defers it.
+        ``force`` schedules a step even with no request to run, so that the
+        worker's report of finished KV loads reaches the scheduler."""
         scheduler = self.scheduler
         self.last_scheduled = None
         depth = self.max_in_flight or 1
         deferred = None
-        if len(self.in_flight) < depth and scheduler.has_requests():
+        if len(self.in_flight) < depth and (scheduler.has_requests() or force):
             out = self.last_scheduled = scheduler.schedule()
             self.stats.num_preemptions += len(out.preempted_req_ids or ())
             samples = [
@@ -347,6 +356,14 @@ class SimEngine:
             out, samples = deferred
             self.in_flight.appendleft((out, samples, self._grammar(out)))
         self._after_step()
+
+    def drain(self) -> None:
+        """Complete every step in flight, scheduling none (as EngineCore does
+        when generation is paused and waits for idle)."""
+        while self.in_flight:
+            out, samples, grammar = self.in_flight.pop()
+            self._complete(out, samples, grammar)
+            self._after_step()
 
     def _grammar(self, out: Any) -> Any:
         """The step's grammar bitmask, copied: vLLM fills one shared buffer and
@@ -375,7 +392,8 @@ class SimEngine:
                 token = constrained_token(grammar.grammar_bitmask[rows[rid]], token)
             sampled[index[rid]] = [token]
         model_output = ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled
+            req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled,
+            kv_connector_output=self.kv_output() if self.kv_output is not None else None,
         )
         engine_outputs = scheduler.update_from_output(out, model_output)
         for eco in engine_outputs.values():
@@ -388,7 +406,10 @@ class SimEngine:
                     self.stats.admitted_prompt_tokens += o.prefill_stats.num_prompt_tokens
                     self.stats.admitted_cached_tokens += o.prefill_stats.num_cached_tokens
                 self.outputs[o.request_id].extend(o.new_token_ids)
-                if o.finish_reason is not None:
+                live = scheduler.requests.get(o.request_id)
+                # A streaming-input session reports the end of each input chunk and
+                # goes on waiting for the next one: finished only once it is.
+                if o.finish_reason is not None and (live is None or live.is_finished()):
                     self.finished[o.request_id] = FinishedRequest(
                         o.request_id, self.outputs[o.request_id], str(o.finish_reason),
                         self.stats.num_steps,
