@@ -945,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"))
     parser.add_argument("--settings", default='{"max_wait_steps": 16}',
                         help="asyncbatch settings as a JSON object")
+    parser.add_argument("--request-states", action="store_true",
+                        help="add grammars that compile over several steps (some fail), "
+                        "remote KV loads, streaming input and prefix cache resets")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     classes = {"stock": STOCK, "asyncbatch": ASYNCBATCH}
@@ -954,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
                             scheduler_cls=classes[name],
                             scheduling_policy=args.scheduling_policy,
                             settings=json.loads(args.settings))
+        if args.request_states:
+            config = config.with_request_states()
         figures = run_soak(config)
         print(figures.line(), flush=True)
         results.append(asdict(figures))
