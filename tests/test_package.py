@@ -7,17 +7,34 @@ import asyncbatch
 from asyncbatch import _compat
 
 
-@pytest.mark.parametrize("version", ["0.26.0", "0.26.1", "0.26.0+cu130", "0.26.2.dev3"])
+@pytest.mark.parametrize("version", ["0.26.0", "0.26.1", "0.26.0+cu130", "0.26.2.dev3",
+                                     "0.29.0", "0.33.0", "0.33.1rc1"])
 def test_supported_versions(version):
     assert _compat.check_vllm_version(version) == version
 
 
-@pytest.mark.parametrize("version", ["0.25.1", "0.27.0", "1.26.0", "0.2.6"])
+@pytest.mark.parametrize("version", ["0.25.1", "0.34.0", "1.26.0", "0.2.6", "main"])
 def test_unsupported_version_names_both(version):
     with pytest.raises(_compat.UnsupportedVllmVersion) as e:
         _compat.check_vllm_version(version)
     msg = str(e.value)
-    assert version in msg and "0.26" in msg and asyncbatch.__version__ in msg
+    assert version in msg and "0.26 to 0.33" in msg and asyncbatch.__version__ in msg
+
+
+def test_supported_range_matches_pyproject():
+    import pathlib
+
+    import tomllib
+
+    pyproject = pathlib.Path(__file__).parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert f"vllm{_compat.SUPPORTED_RANGE}" in deps
+
+
+@pytest.mark.parametrize("version, verified", [("0.26.0", True), ("0.33.0+cu130", True),
+                                               ("0.29.0", False), ("0.33.1", False)])
+def test_verified_releases(version, verified):
+    assert _compat.is_verified_release(version) is verified
 
 
 def test_missing_vllm(monkeypatch):
@@ -37,8 +54,8 @@ def test_register_checks_once(monkeypatch):
 
 def test_register_refuses_wrong_vllm(monkeypatch):
     monkeypatch.setattr(asyncbatch, "_registered", False)
-    monkeypatch.setattr(_compat, "installed_vllm_version", lambda: "0.27.0")
-    with pytest.raises(_compat.UnsupportedVllmVersion, match="0.27.0"):
+    monkeypatch.setattr(_compat, "installed_vllm_version", lambda: "0.34.0")
+    with pytest.raises(_compat.UnsupportedVllmVersion, match="0.34.0"):
         asyncbatch.register()
     assert asyncbatch._registered is False
 

@@ -34,6 +34,7 @@ from vllm.v1.worker.gpu_worker import Worker as VllmWorker
 
 from asyncbatch._compat import check_vllm_version
 from asyncbatch.glue.graphs import apply_graph_ceiling
+from asyncbatch.glue.overrides import worker_unverified
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
     apply_depth,
@@ -54,11 +55,18 @@ class PipelineBuffersTooFew(RuntimeError):
     pass
 
 
+class WorkerNotVerified(RuntimeError):
+    pass
+
+
 class Worker(VllmWorker):
     """vLLM's GPU worker; applies ``pipeline_depth`` in the worker process."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
+        unverified = worker_unverified()
+        if unverified:
+            raise WorkerNotVerified(unverified)
         super().__init__(*args, **kwargs)
         self.pipeline_depth = apply_depth(self.vllm_config)
         # before init_device builds the model runner, which reads the capture sizes

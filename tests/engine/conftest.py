@@ -6,8 +6,13 @@ import os
 import pytest
 
 if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
-    pytest.importorskip("vllm", reason="vLLM 0.26 is not installed")
+    pytest.importorskip("vllm", reason="vLLM is not installed")
 
+# Before any test module imports vLLM: vLLM binds its platform on first use, and
+# vLLM >= 0.29 decides the model runner from it.
+from asyncbatch.sim.engine import use_cpu_platform  # noqa: E402
+
+use_cpu_platform()
 from streams import ASYNCBATCH  # noqa: E402
 
 from asyncbatch.sim.engine import build_scheduler  # noqa: E402

@@ -14,12 +14,19 @@ from streams import ASYNCBATCH, STOCK, feed, prefix_stream, settings
 
 from asyncbatch.glue import fastoutput
 from asyncbatch.glue.fastoutput import HAS_VLLM_PLAIN_DECODE_OUTPUT, fast_output_gaps
+from asyncbatch.glue.overrides import fast_path_verified
 from asyncbatch.sim.engine import SimEngine
 
-pytestmark = pytest.mark.skipif(
-    HAS_VLLM_PLAIN_DECODE_OUTPUT,
-    reason="vLLM with patches/0007 has the same fast path in its own loop "
-           "(tests/patches/test_plain_decode_output.py)")
+pytestmark = [
+    pytest.mark.skipif(
+        HAS_VLLM_PLAIN_DECODE_OUTPUT,
+        reason="vLLM with patches/0007 has the same fast path in its own loop "
+               "(tests/patches/test_plain_decode_output.py)"),
+    pytest.mark.skipif(
+        not HAS_VLLM_PLAIN_DECODE_OUTPUT and fast_path_verified("decode_fast_output") is not None,
+        reason=f"decode_fast_output is off here: {fast_path_verified('decode_fast_output')} "
+               "(tests/engine/test_overrides.py checks that it is)"),
+]
 
 
 def run_stream(make_scheduler, stream, cls=ASYNCBATCH, num_blocks=48, **kwargs):

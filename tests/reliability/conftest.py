@@ -11,3 +11,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section(f"soak figures ({soak_mode()} mode)")
         for line in SOAK_FIGURES:
             terminalreporter.write_line(line)
+
+
+def pytest_configure(config):
+    # Before any test module imports vLLM: vLLM binds its platform on first use, and
+    # vLLM >= 0.29 decides the model runner from it.
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return
+    from asyncbatch.sim.engine import use_cpu_platform
+
+    use_cpu_platform()

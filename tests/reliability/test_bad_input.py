@@ -59,7 +59,7 @@ def test_invalid_settings_stop_the_scheduler(model_dir, settings):
 # --------------------------------------------------------------- vLLM version
 
 
-@pytest.mark.parametrize("version", ["0.25.2", "0.27.0"])
+@pytest.mark.parametrize("version", ["0.25.2", "0.34.0"])
 def test_scheduler_refuses_other_vllm(model_dir, monkeypatch, version):
     from asyncbatch.sim.engine import build_scheduler
 
@@ -196,6 +196,11 @@ def test_front_end_rejects_bad_prompts_and_the_others_are_served(model_dir, cls)
         "one-token": [7],
         "ok": list(range(2, 40)),
     }
+    try:  # vLLM >= 0.33 raises its own client error
+        from vllm.exceptions import VLLMValidationError
+        rejected: tuple[type[Exception], ...] = (ValueError, VLLMValidationError)
+    except ImportError:
+        rejected = (ValueError,)
     engine = SimEngine(scheduler)
     errors = {}
     for rid, tokens in prompts.items():
@@ -204,7 +209,7 @@ def test_front_end_rejects_bad_prompts_and_the_others_are_served(model_dir, cls)
             core_request = processor.process_inputs(
                 rid, {"type": "token", "prompt_token_ids": tokens}, params,
                 supported_tasks=("generate",))
-        except ValueError as e:
+        except rejected as e:
             errors[rid] = str(e)
             continue
         engine.add_request(Request.from_engine_core_request(core_request, hasher))
@@ -241,8 +246,9 @@ def grammar_request(engine, rid, prompt):
 @pytest.mark.parametrize("policy", ["prefix", "fcfs"])
 def test_grammar_that_fails_to_compile_ends_that_request_with_vllms_error(
         model_dir, cls, policy):
-    """The request whose grammar fails waits in skipped_waiting; vLLM finishes it
-    with FINISHED_ERROR and removes it from both waiting queues with one list."""
+    """The request whose grammar fails is parked (skipped_waiting up to vLLM 0.30,
+    deferred_waiting from 0.31); vLLM finishes it with FINISHED_ERROR and removes
+    it from every waiting queue with one list."""
     from asyncbatch.sim.engine import SimEngine, build_scheduler
 
     extra = {} if cls == STOCK else {"additional_config": {"asyncbatch": {"policy": policy}}}
@@ -253,7 +259,7 @@ def test_grammar_that_fails_to_compile_ends_that_request_with_vllms_error(
     for r in normal_requests():
         engine.add_request(r)
     engine.step()
-    assert bad in engine.scheduler.skipped_waiting
+    assert _compat.is_parked(engine.scheduler, bad)
     future.set_exception(RuntimeError("grammar does not compile"))
     run_with_checks(engine)
     assert engine.finished["bad-grammar"].finish_reason == "error"
@@ -276,7 +282,9 @@ def test_abort_while_the_grammar_compiles(model_dir, cls, policy):
     engine.step()
     engine.abort(["compiling"])
     assert "compiling" not in engine.scheduler.requests
-    assert request not in engine.scheduler.skipped_waiting
+    assert not _compat.is_parked(engine.scheduler, request)
+    assert all(request not in q for q in (engine.scheduler.waiting,
+                                          *_compat.parked_queues(engine.scheduler)))
     run_with_checks(engine)
     assert engine.finished["compiling"].finish_reason == "abort"
     assert all(engine.finished[f"ok{i}"].finish_reason == "length" for i in range(6))

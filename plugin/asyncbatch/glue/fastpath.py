@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A steady-decode fast path for ``KVCacheManager.allocate_slots`` (vLLM 0.26).
+"""A steady-decode fast path for ``KVCacheManager.allocate_slots``.
 
 ``Scheduler.schedule()`` calls ``allocate_slots`` for every running request in
 every step.  In steady decode almost every call finds that the request's blocks
@@ -49,7 +49,7 @@ from vllm.v1.request import RequestStatus
 HAS_VLLM_STEADY_DECODE_PATH = hasattr(KVCacheManager, "_steady_decode_needs_nothing")
 # set to 1 to check every fast answer against vLLM's own path (the CPU tests do)
 VERIFY_FAST_PATH_ENV = "ASYNCBATCH_VERIFY_FAST_PATH"
-# the private state of vLLM 0.26's KV cache manager that the fast path reads
+# the private state of vLLM's KV cache manager that the fast path reads
 _MANAGER_STATE = ("req_to_blocks", "num_cached_block", "_partial_hit_reqs", "block_size")
 
 
@@ -84,7 +84,9 @@ class SteadyDecodeBlocks(KVCacheBlocks):
     """vLLM's empty ``allocate_slots`` result (nothing new for this request), with
     the block-id conversion answered directly."""
 
-    def get_block_ids(self, allow_none: bool = False) -> Any:
+    def get_block_ids(self, allow_none: bool = False, **kwargs: Any) -> Any:
+        if kwargs:  # vLLM >= 0.33: group_ids
+            return super().get_block_ids(allow_none, **kwargs)  # type: ignore[call-overload]
         if allow_none:
             return None
         return tuple([] for _ in self.blocks)
@@ -119,25 +121,30 @@ class DecodeSlotsFastPath(_ManagerFastPath):
                  new_computed_blocks: Any = None, num_lookahead_tokens: int = 0,
                  num_external_computed_tokens: int = 0, delay_cache_blocks: bool = False,
                  num_encoder_tokens: int = 0, full_sequence_must_fit: bool = False,
-                 reserved_blocks: int = 0, has_scheduled_reqs: bool = True) -> Any:
+                 reserved_blocks: int = 0, has_scheduled_reqs: bool = True,
+                 skip_zeroing_group_ids: tuple[int, ...] = ()) -> Any:
         self.calls += 1
         if (new_computed_blocks is None and num_new_tokens > 0
                 and not (num_new_computed_tokens or num_lookahead_tokens
                          or num_external_computed_tokens or delay_cache_blocks
-                         or num_encoder_tokens or full_sequence_must_fit or reserved_blocks)
+                         or num_encoder_tokens or full_sequence_must_fit or reserved_blocks
+                         or skip_zeroing_group_ids)
                 and request.status is self.running
                 and self._nothing_to_do(request, num_new_tokens)):
             self.fast += 1
             if self.verify:
                 self._check(request, num_new_tokens, has_scheduled_reqs)
             return self.answer
+        # vLLM >= 0.32 has skip_zeroing_group_ids; pass it on only where it was given.
+        extra = {"skip_zeroing_group_ids": skip_zeroing_group_ids} if skip_zeroing_group_ids \
+            else {}
         return self.slow(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
                          num_lookahead_tokens, num_external_computed_tokens,
                          delay_cache_blocks, num_encoder_tokens, full_sequence_must_fit,
-                         reserved_blocks, has_scheduled_reqs)
+                         reserved_blocks, has_scheduled_reqs, **extra)
 
     def _nothing_to_do(self, request: Any, num_new_tokens: int) -> bool:
-        # the same arithmetic as vLLM 0.26's allocate_slots, with no new computed,
+        # the same arithmetic as vLLM's allocate_slots, with no new computed,
         # external, lookahead or encoder tokens (min() spelled out: this runs for
         # every running request in every step)
         manager, rid = self.manager, request.request_id

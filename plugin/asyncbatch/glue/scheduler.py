@@ -28,10 +28,12 @@ from asyncbatch.glue.fastoutput import (
     fast_output_gaps,
 )
 from asyncbatch.glue.fastpath import (
+    HAS_VLLM_STEADY_DECODE_PATH,
     VERIFY_FAST_PATH_ENV,
     DecodeFastPath,
     install_fast_path,
 )
+from asyncbatch.glue.overrides import fast_path_verified
 from asyncbatch.glue.pipeline import (
     STOCK_DEPTH,
     apply_depth,
@@ -105,25 +107,34 @@ class Scheduler(AsyncScheduler):
             self.waiting = self.make_waiting_queue()
         self.decode_fast_path: DecodeFastPath | None = None
         fast_path = "off"
-        if settings.decode_fast_path:
-            self.decode_fast_path, gaps = install_fast_path(
-                self.kv_cache_manager, self.connector,
-                verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
-            if self.decode_fast_path is not None:
-                fast_path = "on"
+        if settings.decode_fast_path and HAS_VLLM_STEADY_DECODE_PATH:
+            fast_path = "vLLM's own (patches/0006)"
+        elif settings.decode_fast_path:
+            # Fast paths run only on the vLLM code they were verified against.
+            unverified = fast_path_verified("decode_fast_path")
+            if unverified:
+                fast_path = "off: " + unverified
             else:
-                fast_path = "off: " + ", ".join(gaps) if gaps else "vLLM's own (patches/0006)"
+                self.decode_fast_path, gaps = install_fast_path(
+                    self.kv_cache_manager, self.connector,
+                    verify=os.environ.get(VERIFY_FAST_PATH_ENV) == "1")
+                fast_path = "on" if self.decode_fast_path is not None else (
+                    "off: " + ", ".join(gaps))
         self.decode_fast_output: DecodeOutputFastPath | None = None
         fast_output = "off"
         if settings.decode_fast_output and HAS_VLLM_PLAIN_DECODE_OUTPUT:
             fast_output = "vLLM's own (patches/0007)"
         elif settings.decode_fast_output:
-            gaps = fast_output_gaps(self)
+            gaps = ([unverified] if (unverified := fast_path_verified("decode_fast_output"))
+                    else fast_output_gaps(self))
             if gaps:
                 fast_output = "off: " + ", ".join(gaps)
             else:
                 self.decode_fast_output = DecodeOutputFastPath(self, super().update_from_output)
                 fast_output = "on"
+        # what each fast path does here, for the log line and for tests
+        self.asyncbatch_fast_paths = {"decode_fast_path": fast_path,
+                                      "decode_fast_output": fast_output}
         logger.info("asyncbatch scheduler: %s (vLLM scheduling policy %s, %d batches "
                     "in flight, decode fast path %s, decode fast output %s)", settings,
                     self.policy.value, vllm_config.max_concurrent_batches, fast_path,

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build a real vLLM 0.26 scheduler on a CPU and drive it like EngineCore does.
+"""Build a real vLLM scheduler on a CPU and drive it like EngineCore does.
 
 `SimEngine.step` follows ``EngineCore.step_with_batch_queue``: it schedules a
 new batch while the queue of in-flight batches (two by default, as vLLM's
@@ -219,7 +219,9 @@ class SimStats:
     num_empty_steps: int = 0
     num_scheduled_tokens: int = 0
     num_preemptions: int = 0
-    # prompt tokens looked up in the prefix cache / found there (new requests)
+    # prompt tokens looked up in the prefix cache / found there (new requests), as
+    # vLLM's own counters report them: every lookup up to vLLM 0.32, each admitted
+    # request once from 0.33
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     # largest number of blocks in use at the end of a step
@@ -227,8 +229,9 @@ class SimStats:
     # prompt tokens of the requests that produced a first token, and how many of
     # them the prefix cache held when each request was first admitted (vLLM's
     # per-request prefill stats, which RequestOutput.num_cached_tokens reports):
-    # each request counted once, unlike the queries above, which count every
-    # lookup, also of a request that then did not fit and was looked up again
+    # each request counted once, unlike the queries above on vLLM <= 0.32, which
+    # count every lookup, also of a request that then did not fit and was looked up
+    # again
     admitted_prompt_tokens: int = 0
     admitted_cached_tokens: int = 0
 

@@ -6,7 +6,8 @@ every step.
 Checked after every step:
 
 - every request ever added is in exactly one place: running, waiting (the
-  policy-ordered queue and vLLM's ``skipped_waiting``) or finished (stopped,
+  policy-ordered queue and vLLM's ``skipped_waiting`` or ``kv_holding_waiting``)
+  or finished (stopped,
   length, aborted, or vLLM's error for a grammar that failed to compile), and
   finishes at most once;
 - the waiting queue and its policy agree on the waiting requests;
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asyncbatch._compat import is_parked, parked_queues
 from asyncbatch.sim.engine import (
     FinishedRequest,
     SimEngine,
@@ -58,7 +60,8 @@ STOCK = "vllm.v1.core.sched.async_scheduler.AsyncScheduler"
 ASYNCBATCH = "asyncbatch.Scheduler"
 
 
-# vLLM's request states that wait outside the waiting queue (in skipped_waiting),
+# vLLM's request states that cannot be admitted yet (parked: in skipped_waiting up
+# to vLLM 0.30, marked in deferred_waiting from 0.31),
 # by the name the figures give them
 BLOCKED_PHASES = {
     "WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR": "grammar_compiling",
@@ -481,7 +484,9 @@ class SoakRun:
                 break
             if engine.has_work() or self.loads_due:
                 if self.states:
-                    self.skipped_before = set(queue_ids(self.scheduler.skipped_waiting))
+                    s = self.scheduler
+                    self.skipped_before = {rid for q in parked_queues(s)
+                                           for rid in queue_ids(q)}
                 # With only KV loads left, the worker still reports them finished.
                 engine.step(force=not engine.has_work())
                 if engine.last_scheduled is not None:
@@ -670,8 +675,9 @@ class SoakRun:
             phases += tuple(BLOCKED_PHASES.values())
         phase = rng.choice(phases)
         if phase in BLOCKED_PHASES.values():
-            candidates = [r.request_id for r in self.scheduler.skipped_waiting
-                          if BLOCKED_PHASES.get(r.status.name) == phase]
+            candidates = [r.request_id for r in self.scheduler.requests.values()
+                          if BLOCKED_PHASES.get(r.status.name) == phase
+                          and not r.is_finished()]
         elif phase == "prefill":
             candidates = [r.request_id for r in self.scheduler.running
                           if r.num_computed_tokens < r.num_prompt_tokens]
@@ -717,7 +723,11 @@ class SoakRun:
         bound = self.config.max_wait_steps
         # Requests parked outside the waiting queue (grammar, remote KV) cannot be
         # admitted, so they are not passed over.
-        in_queue = set(queue_ids(self.scheduler.waiting)) if self.states else None
+        in_queue = None
+        if self.states:
+            s = self.scheduler
+            in_queue = {r.request_id for r in s.waiting if not is_parked(s, r)} \
+                if hasattr(s, "deferred_waiting") else set(queue_ids(s.waiting))
         for rid, (key, _) in never.items():
             if key >= latest:
                 if by_arrival:
@@ -816,10 +826,12 @@ class SoakRun:
         if len(running) != len(s.running):
             raise InvariantViolation("a request is in the running list twice")
         waiting = queue_ids(s.waiting)
-        skipped = queue_ids(s.skipped_waiting)
+        # vLLM's own queues beside it: skipped_waiting (<= 0.30) or
+        # kv_holding_waiting (>= 0.31)
+        skipped = [rid for q in parked_queues(s) for rid in queue_ids(q)]
         waiting_set = set(waiting) | set(skipped)
         if len(waiting_set) != len(waiting) + len(skipped):
-            raise InvariantViolation("a request is in both waiting queues")
+            raise InvariantViolation("a request is in two waiting queues")
         if running & waiting_set:
             raise InvariantViolation(f"running and waiting: {sorted(running & waiting_set)}")
         queued = running | waiting_set
@@ -833,15 +845,17 @@ class SoakRun:
             if live[rid].status != RequestStatus.RUNNING:
                 raise InvariantViolation(f"{rid} in running with status {live[rid].status}")
         schedulable = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        for rid in waiting:
-            if live[rid].status not in schedulable:
-                raise InvariantViolation(f"{rid} in the waiting queue with status "
-                                         f"{live[rid].status.name}")
-        for rid in skipped:
-            if live[rid].status not in schedulable \
-                    and live[rid].status.name not in BLOCKED_PHASES:
-                raise InvariantViolation(f"{rid} in skipped_waiting with status "
-                                         f"{live[rid].status.name}")
+        for rid in waiting_set:
+            status = live[rid].status
+            if status not in schedulable and status.name not in BLOCKED_PHASES:
+                raise InvariantViolation(f"{rid} waiting with status {status.name}")
+            # A request that cannot run yet is parked: in skipped_waiting, or marked in
+            # deferred_waiting (vLLM >= 0.31).
+            if status.name in BLOCKED_PHASES and not is_parked(s, live[rid]):
+                raise InvariantViolation(f"{rid} is {status.name} but not parked")
+        deferred = getattr(s, "deferred_waiting", None)
+        if deferred is not None and not {r.request_id for r in deferred} <= waiting_set:
+            raise InvariantViolation("deferred_waiting marks a request that is not waiting")
         ledger = self.ledger
         if len(live) + len(ledger.ids) != self.num_added:
             raise InvariantViolation(
@@ -881,7 +895,7 @@ class SoakRun:
         if not candidates:
             return
         queued = {r.request_id for r in s.running}
-        queued.update(queue_ids(s.waiting), queue_ids(s.skipped_waiting))
+        queued.update(queue_ids(s.waiting), *(queue_ids(q) for q in parked_queues(s)))
         for r in candidates:
             if r.request_id not in queued:
                 self.figures.num_sessions_dropped_by_vllm += 1
@@ -895,7 +909,7 @@ class SoakRun:
         self.figures.num_blocks_leaked = leaked
         if leaked:
             raise InvariantViolation(f"{leaked} KV blocks still in use after the last request")
-        if s.requests or s.running or len(s.waiting) or len(s.skipped_waiting):
+        if s.requests or s.running or len(s.waiting) or any(parked_queues(s)):
             raise InvariantViolation("requests left in the scheduler after the last request")
         if len(self.ledger.ids) != self.config.num_requests or self.planned:
             raise InvariantViolation(
