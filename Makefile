@@ -1,6 +1,8 @@
 # The two commands of a fresh machine:  make replay   and   make test
 # Both build the cached environment on first use (scripts/venv.sh).
-VENV = $(shell scripts/venv.sh)
+# VLLM=0.33 make test: the same on vLLM 0.33 (a second cached environment)
+VLLM ?= 0.26
+VENV = $(shell scripts/venv.sh $(VLLM))
 PY = $(VENV)/bin/python
 
 .PHONY: test replay demo lint env conformance

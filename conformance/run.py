@@ -10,7 +10,7 @@ The contract:
 
 - ``fcfs`` passes every test that ``stock`` passes in the same run;
 - ``prefix`` passes every test that ``stock`` passes, except those listed in
-  ``prefix_exceptions.txt``: assertions of FCFS admission order that grouping
+  ``prefix_exceptions-<release>.txt``: assertions of FCFS admission order that grouping
   and decode-first change by design.  Each listed test must fail under
   ``prefix`` (else the list is stale) and pass under ``prefix`` with
   ``decode_first: false, grouping: false`` (arrival order, with the memory gate
@@ -37,6 +37,7 @@ import tarfile
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def run_variant(tree: Path, variant: str, out: Path, redirect: Path,
     if settings:
         env["ASYNCBATCH_CONFORMANCE_SETTINGS"] = json.dumps(settings)
     cmd = [sys.executable, "-m", "pytest", *(tests or ["tests/v1/core"]), "-q", "-p",
-           "no:cacheprovider", "-W", "ignore", "--rootdir", str(tree)]
+           "no:cacheprovider", "-W", "ignore", "--rootdir", str(tree),
+           "--continue-on-collection-errors"]
     start = time.monotonic()
     log = out.with_suffix(".log")
     with open(log, "w") as f:
@@ -153,10 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for outcomes and logs (default: under the cache)")
-    parser.add_argument("--exceptions", type=Path, default=HERE / "prefix_exceptions.txt")
+    parser.add_argument("--exceptions", type=Path, default=None,
+                        help="the by-design exceptions of `prefix` (default: "
+                        "prefix_exceptions-<vLLM minor>.txt beside this script)")
+    parser.add_argument("--jobs", type=int, default=2, help="variants run at once")
     args = parser.parse_args(argv)
 
     version = metadata.version("vllm")
+    major, minor = version.split(".")[:2]
+    exceptions = args.exceptions or HERE / f"prefix_exceptions-{major}.{minor}.txt"
+    if not exceptions.exists():
+        known = ", ".join(sorted(p.name for p in HERE.glob("prefix_exceptions-*.txt")))
+        raise SystemExit(f"{exceptions.name} is missing: conformance is set up for the vLLM "
+                         f"releases that have one ({known})")
     cache = cache_dir()
     archive = fetch_sdist(version, cache / "vllm-src")
     tree = stage(archive, version, cache / "conformance" / f"tree-{version}")
@@ -165,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"vLLM {version}: tests/v1/core of its source distribution, unedited")
 
-    results = {v: run_variant(tree, v, out / f"{v}.json", redirect) for v in VARIANTS}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        runs = {v: pool.submit(run_variant, tree, v, out / f"{v}.json", redirect)
+                for v in VARIANTS}
+        results = {v: run.result() for v, run in runs.items()}
     stock = results["stock"]
     reference = sorted(t for t, o in stock.items() if o == "passed")
-    listed = read_exceptions(args.exceptions)
+    if not reference:
+        raise SystemExit(f"no test passed with stock AsyncScheduler; see {out / 'stock.log'}")
+    listed = read_exceptions(exceptions)
     problems: list[str] = []
 
     for variant in ("fcfs", "prefix"):
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  reference: {len(reference)} tests pass with stock; "
           f"{len(summary['stock_failures'])} fail with stock too (not part of the contract)")
     print(f"  prefix exceptions (admission order by design): {len(listed)}, listed in "
-          f"{args.exceptions.name}")
+          f"{exceptions.name}")
     if problems:
         print("CONFORMANCE FAILED:")
         for problem in problems:

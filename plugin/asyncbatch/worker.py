@@ -27,6 +27,7 @@ which is what a small model's GPU waits for.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -59,13 +60,21 @@ class WorkerNotVerified(RuntimeError):
     pass
 
 
+# Set to 1 to start the worker on a vLLM release it was not verified on, to verify it
+# (the GPU tests and A/B runs that would add the release to the register).
+UNVERIFIED_WORKER_ENV = "ASYNCBATCH_UNVERIFIED_WORKER"
+
+
 class Worker(VllmWorker):
     """vLLM's GPU worker; applies ``pipeline_depth`` in the worker process."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
         unverified = worker_unverified()
-        if unverified:
+        if unverified and os.environ.get(UNVERIFIED_WORKER_ENV) == "1":
+            logger.warning("asyncbatch: %s Starting anyway (%s=1): for verifying it only.",
+                           unverified, UNVERIFIED_WORKER_ENV)
+        elif unverified:
             raise WorkerNotVerified(unverified)
         super().__init__(*args, **kwargs)
         self.pipeline_depth = apply_depth(self.vllm_config)

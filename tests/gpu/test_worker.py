@@ -2,12 +2,28 @@
 """asyncbatch.Worker + asyncbatch.Scheduler (three batches in flight) give the same
 greedy tokens as stock vLLM, with no host sync inside a step (needs CUDA GPUs)."""
 
+import os
 import subprocess
 
 import pytest
 from test_generate import generate, mixed_prompts
 
-pytestmark = pytest.mark.gpu
+
+def _worker_unverified():
+    try:
+        from asyncbatch.glue.overrides import worker_unverified
+
+        return worker_unverified()
+    except ImportError:
+        return None
+
+
+# On a vLLM release the worker was not verified on, these tests run only to verify
+# it (ASYNCBATCH_UNVERIFIED_WORKER=1); else test_refused_where_not_verified runs.
+VERIFYING = os.environ.get("ASYNCBATCH_UNVERIFIED_WORKER") == "1"
+UNVERIFIED = _worker_unverified() if not VERIFYING else None
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(UNVERIFIED is not None, reason=str(UNVERIFIED))]
 
 PLUGINS = dict(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker")
 # 5, then 7 or 9, repeated: the tokens allowed next depend on the last one
@@ -106,3 +122,10 @@ def test_v1_runner_refuses_an_explicit_deep_pipeline(tmp_path, model):
                  additional_config={"asyncbatch": {"pipeline_depth": 3}}, **PLUGINS)
     log = (tmp_path / "v1.log").read_text()
     assert "pipeline_depth" in log and "V1 model runner" in log
+
+
+@pytest.mark.skipif(UNVERIFIED is None, reason="the worker is verified on this vLLM")
+def test_refused_where_not_verified(tmp_path, model):
+    with pytest.raises(subprocess.CalledProcessError):
+        generate(tmp_path, "unverified", model, [[5, 6, 7]], [2], **PLUGINS)
+    assert "has not been verified on a GPU" in (tmp_path / "unverified.log").read_text()
