@@ -273,6 +273,35 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def plot_result(path: Path) -> Path:
+    """A PNG of one result file: each timed run's output tok/s and NVML busy share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(path.read_text())
+    runs = [r for r in result["runs"] if not r.get("sync_check")]
+    labels = [f"{i}: {r['variant']}" for i, r in enumerate(runs)]
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((ax1, "output_tok_s", "output tok/s (higher is better)"),
+                           (ax2, "nvml_util_steady", "GPU busy, NVML % (steady part)")):
+        ax.bar(labels, [r.get(key) or 0 for r in runs],
+               color=[colors[r["variant"]] for r in runs])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"worker A/B, {result.get('shape')}, {result.get('gpu')} "
+                 f"(runs in order)", fontsize=11)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -292,7 +321,14 @@ def main() -> int:
                     help="run nothing: pool the timed runs of these result files (same "
                          "shape and workload) and print each variant's median, range, NVML "
                          "range and ratio against the first of --variants")
+    ap.add_argument("--plot", type=Path, nargs="+", metavar="FILE",
+                    help="run nothing: write FILE.png beside each result file (output "
+                         "tok/s and NVML busy share of every timed run, in run order)")
     a = ap.parse_args()
+    if a.plot:
+        for file in a.plot:
+            print(plot_result(file))
+        return 0
     if a.pool:
         print(format_pool(pool_results(a.pool, a.variants.split(",")[0])))
         return 0

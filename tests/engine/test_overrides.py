@@ -90,8 +90,8 @@ def test_an_unverified_release_runs_no_fast_path(make_scheduler, monkeypatch):
         fast_path_verified.cache_clear()
 
 
-@pytest.mark.parametrize("version, refused", [("0.26.0", False), ("0.33.0", True),
-                                              ("0.29.1", True)])
+@pytest.mark.parametrize("version, refused", [("0.26.0", False), ("0.33.0", False),
+                                              ("0.29.1", True), ("0.33.1", True)])
 def test_the_worker_runs_only_where_it_was_verified_on_a_gpu(version, refused):
     reason = overrides.worker_unverified(version)
     assert (reason is not None) is refused

@@ -22,8 +22,8 @@ def _worker_unverified():
 # it (ASYNCBATCH_UNVERIFIED_WORKER=1); else test_refused_where_not_verified runs.
 VERIFYING = os.environ.get("ASYNCBATCH_UNVERIFIED_WORKER") == "1"
 UNVERIFIED = _worker_unverified() if not VERIFYING else None
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(UNVERIFIED is not None, reason=str(UNVERIFIED))]
+pytestmark = pytest.mark.gpu
+needs_verified_worker = pytest.mark.skipif(UNVERIFIED is not None, reason=str(UNVERIFIED))
 
 PLUGINS = dict(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker")
 # 5, then 7 or 9, repeated: the tokens allowed next depend on the last one
@@ -44,6 +44,7 @@ def assert_same(stock, ours, max_tokens):
     assert not bad, f"{len(bad)} of {len(stock)} prompts differ: {bad}"
 
 
+@needs_verified_worker
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_deep_pipeline_greedy_parity(tmp_path, model, prefix_caching):
     prompts, max_tokens = mixed_prompts()
@@ -56,6 +57,7 @@ def test_deep_pipeline_greedy_parity(tmp_path, model, prefix_caching):
     assert_same(stock, ours["outputs"], max_tokens)
 
 
+@needs_verified_worker
 def test_deep_pipeline_structured_outputs(tmp_path, model):
     """Requests under a grammar join a running pipeline: the first 16 requests
     (``max_num_seqs``) are plain, and after them every third samples under a
@@ -81,6 +83,7 @@ def test_deep_pipeline_structured_outputs(tmp_path, model):
             assert body[0::2] == [5] * len(body[0::2]) and set(body[1::2]) <= {7, 9}
 
 
+@needs_verified_worker
 @pytest.mark.skipif("num_gpus() < 2", reason="needs two GPUs")
 def test_deep_pipeline_greedy_parity_tp2(tmp_path, model):
     prompts, max_tokens = mixed_prompts(seed=1)
@@ -93,6 +96,7 @@ def test_deep_pipeline_greedy_parity_tp2(tmp_path, model):
     assert_same(stock, ours["outputs"], max_tokens)
 
 
+@needs_verified_worker
 def test_decode_batches_past_vllms_graph_ceiling(tmp_path, model):
     """640 requests decode together: past vLLM's default CUDA-graph ceiling (512
     tokens), so stock vLLM runs those steps piecewise, and the worker raises the
@@ -115,6 +119,7 @@ def test_decode_batches_past_vllms_graph_ceiling(tmp_path, model):
     assert_same(stock, ours["outputs"], max_tokens)
 
 
+@needs_verified_worker
 def test_v1_runner_refuses_an_explicit_deep_pipeline(tmp_path, model):
     with pytest.raises(subprocess.CalledProcessError):
         generate(tmp_path, "v1", model, [[5, 6, 7]], [2],

@@ -99,7 +99,7 @@ REGISTER: tuple[Override, ...] = (
         replaces="AsyncScheduler._update_after_schedule (extended)",
         why="with three batches in flight a request under a grammar must skip a step, or its "
             "bitmask would come from a grammar that has not seen its last token",
-        verified_on=("0.26.0",),
+        verified_on=("0.26.0", "0.33.0"),
         upstream="patches/0004 (SchedulerConfig.async_scheduling_depth)",
     ),
     Override(
@@ -108,7 +108,7 @@ REGISTER: tuple[Override, ...] = (
         replaces="VllmConfig.max_concurrent_batches (property replaced)",
         why="the number of batches in flight is a property of vLLM's config; a third batch "
             "needs it to be 3 in the EngineCore and in every worker",
-        verified_on=("0.26.0",),
+        verified_on=("0.26.0", "0.33.0"),
         upstream="patches/0004 (SchedulerConfig.async_scheduling_depth)",
     ),
     Override(
@@ -118,7 +118,7 @@ REGISTER: tuple[Override, ...] = (
                  "max_cudagraph_capture_size, by asyncbatch.Worker)",
         why="vLLM's default ceiling (512 tokens) leaves decode batches of more running "
             "requests outside CUDA graphs",
-        verified_on=("0.26.0",),
+        verified_on=("0.26.0", "0.33.0"),
         upstream="patches/0005 (VllmConfig.default_max_cudagraph_capture_size)",
     ),
     Override(
