@@ -29,8 +29,10 @@ forecast does not fit, so that admitting it would later force a preemption.
 With room to spare the gate never closes, so batches are not shrunk; requests
 from 1. and 2. bypass it, and it never closes when nothing runs.
 
-Every operation is O(log n) in the number of waiting requests, except that
-opening a unit sorts its members once.
+Queue operations are O(log n) in the number of waiting requests, except that
+opening a unit sorts its members once.  The memory gate is not: its forecast is
+built once per step over the r running requests (O(r log r)), and each admission
+in that step rebuilds it (`KVForecast.add`, O(r)).
 """
 
 from __future__ import annotations
