@@ -83,7 +83,7 @@ class Scheduler(AsyncScheduler):
     pipeline_depth = STOCK_DEPTH
     prefix_policy: PrefixGroupingPolicy | None = None
     decode_fast_path: DecodeFastPath | None = None
-    decode_fast_output: DecodeOutputFastPath | None
+    decode_fast_output: DecodeOutputFastPath | None = None
     _policy_step_open = False
 
     def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
