@@ -48,6 +48,8 @@ sys.path.insert(0, str(HERE))
 
 from hub_models import write_hub_models  # noqa: E402
 
+from asyncbatch import _compat  # noqa: E402  (no torch, no vLLM)
+
 VARIANTS = ("stock", "fcfs", "prefix")
 # The files of vLLM's test tree the scheduler tests import, besides tests/v1/core.
 SUPPORT_FILES = (
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     version = metadata.version("vllm")
-    major, minor = version.split(".")[:2]
+    major, minor = _compat.minor(version)
     exceptions = args.exceptions or HERE / f"prefix_exceptions-{major}.{minor}.txt"
     if not exceptions.exists():
         known = ", ".join(sorted(p.name for p in HERE.glob("prefix_exceptions-*.txt")))

@@ -2,9 +2,10 @@
 """The compat room: which vLLM releases asyncbatch supports, and every difference
 between them that the glue depends on.
 
-Nothing outside this module compares version numbers.  The glue asks this module
-(`stale_output_tokens`, `max_admitted_requests`, `WaitingQueues`...) and each
-answer is decided here, by the feature the installed vLLM has.  Overrides of
+Nothing outside this module compares version numbers.  The glue and the
+simulator ask this module (`parked_queues`, `is_parked`,
+`prefix_cache_counts_every_lookup`) and each answer is decided here, by the
+feature the installed vLLM has.  Overrides of
 vLLM internals are listed, with the releases each was verified on, in
 `asyncbatch.glue.overrides`.
 
@@ -99,11 +100,6 @@ def _own_version() -> str:
 # They import vLLM lazily: call them only where vLLM is in use.
 
 
-def has_skipped_waiting(scheduler: Any) -> bool:
-    """vLLM <= 0.30 parks requests that cannot run yet (grammar compiling, remote KV
-    loading, streaming input) in ``skipped_waiting``; from 0.31 they stay in
-    ``waiting`` (or ``kv_holding_waiting``) and are marked in ``deferred_waiting``."""
-    return hasattr(scheduler, "skipped_waiting")
 
 
 def parked_queues(scheduler: Any) -> list[Any]:
@@ -123,18 +119,8 @@ def is_parked(scheduler: Any, request: Any) -> bool:
     return request in scheduler.skipped_waiting
 
 
-def stale_output_tokens(request: Any) -> int:
-    """Output tokens in flight that vLLM will discard for ``request``:
-    ``async_tokens_to_discard`` (0.26) or ``num_stale_output_tokens`` (>= 0.27)."""
-    value = getattr(request, "num_stale_output_tokens", None)
-    if value is None:
-        value = getattr(request, "async_tokens_to_discard", 0)
-    return int(value or 0)
 
 
-def max_admitted_requests(scheduler: Any) -> int:
-    """The cap on running (and, from 0.31, active) requests that ends admission."""
-    return int(getattr(scheduler, "max_num_active_reqs", scheduler.max_num_running_reqs))
 
 
 def prefix_cache_counts_every_lookup() -> bool:
