@@ -48,3 +48,35 @@ def test_every_setting_is_documented_with_its_default():
 def test_example_config_is_valid():
     example = json.loads((ROOT / "configs" / "example.json").read_text())
     AsyncBatchConfig.from_additional_config(example)
+
+
+def test_settings_are_validated_once_per_value(monkeypatch):
+    from asyncbatch import config
+
+    calls = []
+    parse = AsyncBatchConfig.from_additional_config.__func__
+    monkeypatch.setattr(AsyncBatchConfig, "from_additional_config",
+                        classmethod(lambda cls, raw: calls.append(raw) or parse(cls, raw)))
+    monkeypatch.setattr(config, "_parsed", None)
+    raw = {"asyncbatch": {"policy": "fcfs", "max_wait_steps": 7}}
+    first = config.settings_of(raw)
+    assert config.settings_of(raw) is first and config.settings_of(dict(raw)) is first
+    assert len(calls) == 1
+    raw["asyncbatch"]["max_wait_steps"] = 8  # changed in place: parsed again
+    assert config.settings_of(raw).max_wait_steps == 8 and len(calls) == 2
+    with pytest.raises(config.InvalidSettings):
+        config.settings_of({"asyncbatch": {"policy": "random"}})
+    with pytest.raises(config.InvalidSettings):  # an error is never cached
+        config.settings_of({"asyncbatch": {"policy": "random"}})
+    assert config.settings_of(None) == AsyncBatchConfig()
+
+
+def test_a_subclass_of_the_worker_is_recognised_by_name():
+    from asyncbatch.glue.pipeline import uses_asyncbatch_worker
+
+    Worker = type("Worker", (), {"__module__": "asyncbatch.worker"})
+    Mine = type("Mine", (Worker,), {"__module__": "mine"})
+    assert uses_asyncbatch_worker("asyncbatch.Worker")
+    assert uses_asyncbatch_worker(Worker) and uses_asyncbatch_worker(Mine)
+    assert not uses_asyncbatch_worker(type("Other", (), {}))
+    assert not uses_asyncbatch_worker("vllm.v1.worker.gpu_worker.Worker")

@@ -7,6 +7,7 @@ Every setting, its default and its meaning is listed in ``configs/settings.md``;
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -200,6 +201,29 @@ class AsyncBatchConfig(BaseModel):
             return cls.model_validate(dict(raw))
         except ValidationError as e:
             raise InvalidSettings(_explain(e)) from None
+
+
+# The last settings parsed and the raw value they came from: the scheduler, the depth
+# property and the worker all ask for the settings of the one configuration of their
+# process, so each process validates them once.
+_parsed: tuple[Any, AsyncBatchConfig] | None = None
+
+
+def settings_of(additional_config: Any) -> AsyncBatchConfig:
+    """`AsyncBatchConfig.from_additional_config`, validated once per distinct value
+    (cheap to call again: one comparison of the raw settings).
+
+    Raises:
+        InvalidSettings: as `AsyncBatchConfig.from_additional_config` (never cached).
+    """
+    global _parsed
+    raw = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+    last = _parsed
+    if last is not None and type(last[0]) is type(raw) and last[0] == raw:
+        return last[1]
+    settings = AsyncBatchConfig.from_additional_config(additional_config)
+    _parsed = (copy.deepcopy(raw), settings)
+    return settings
 
 
 def _allowed_keys() -> str:

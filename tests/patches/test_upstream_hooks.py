@@ -62,7 +62,7 @@ def run_gated(make_asyncbatch, spy=None):
         spy(s)
     stream = pressure_stream()
     feed(engine, stream)
-    assert not s.requests and not s.waiting and not s._num_cached_tokens
+    assert not s.requests and not s.waiting and not s.waiting.num_cached_tokens
     pool = s.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
     assert s.prefix_policy.stats.num_gate_closures > 0
@@ -89,7 +89,7 @@ def test_hook_path_no_private_overrides(make_asyncbatch):
         assert name not in vars(glue.Scheduler), name
     s = make_asyncbatch()
     assert isinstance(s.waiting, PolicyRequestQueue)
-    assert s.waiting.on_begin_step is not None and s.waiting.on_end_step is not None
+    assert not s.waiting.gate_by_falsiness
 
 
 @needs_hooks
@@ -130,7 +130,7 @@ def test_fallback_overrides_private_methods(make_asyncbatch):
         assert name in vars(glue.Scheduler), name
     s = make_asyncbatch()
     assert isinstance(s.waiting, PolicyRequestQueue)
-    assert s.waiting.on_begin_step is None and s.waiting.on_end_step is None
+    assert s.waiting.gate_by_falsiness
 
 
 @needs_fallback
@@ -145,7 +145,7 @@ def test_fallback_releases_done_prefixes_by_moving_blocks(make_asyncbatch):
 
 def test_fcfs_queue_has_no_step_callbacks(make_asyncbatch):
     s = make_asyncbatch(additional_config={"asyncbatch": {"policy": "fcfs"}})
-    assert s.prefix_policy is None and s.waiting.on_begin_step is None
+    assert s.prefix_policy is None and s.waiting.prefix_policy is None
     engine = SimEngine(s)
     feed(engine, prefix_stream(0, num_groups=2, members=3))
     assert len(engine.finished) == 6

@@ -274,6 +274,30 @@ def test_gate_closure_counted_once_per_step():
     assert p.stats.num_gate_closures == 1
 
 
+def test_admissible_is_answered_once_per_change(monkeypatch):
+    """vLLM asks the gate several times per admission; the forecast is consulted once
+    until the queue changes, and the answer follows the change."""
+    p = policy(decode_first=False)
+    for i in range(3):
+        p.add(view(f"r{i}", suffix_blocks=10, max_tokens=40))
+    p.begin_step(StepState(num_free_blocks=200, running=[(10, 1)], now=0.0))
+    calls = []
+    peak_with = KVForecast.peak_with
+    monkeypatch.setattr(KVForecast, "peak_with",
+                        lambda self, *a: calls.append(a) or peak_with(self, *a))
+    assert all(p.admissible() for _ in range(5))
+    assert len(calls) == 1
+    p.pop()
+    assert p.admissible() and len(calls) == 2
+    p.add(view("big", suffix_blocks=300, max_tokens=40))
+    p.remove("r1")
+    p.remove("r2")
+    # the only one left now cannot fit: the cached True must not survive the change
+    assert not p.admissible() and len(calls) == 3
+    p.end_step()
+    assert p.admissible()
+
+
 def test_admitting_in_arrival_order_is_no_deviation():
     """The wait-bound clock only runs when a later arrival is admitted first."""
     p = policy(decode_first=False)

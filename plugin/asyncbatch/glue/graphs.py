@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from asyncbatch.config import AsyncBatchConfig
+from asyncbatch.config import settings_of
 
 # vLLM 0.26's cap on the default ceiling (VllmConfig._set_cudagraph_sizes).
 VLLM_DEFAULT_CAP = 512
@@ -90,8 +90,7 @@ def apply_graph_ceiling(vllm_config: Any) -> int:
     Raises:
         InvalidSettings: the asyncbatch settings do not validate.
     """
-    setting = AsyncBatchConfig.from_additional_config(
-        vllm_config.additional_config).cuda_graph_max_tokens
+    setting = settings_of(vllm_config.additional_config).cuda_graph_max_tokens
     cc = vllm_config.compilation_config
     current = int(cc.max_cudagraph_capture_size or 0)
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs

@@ -36,13 +36,14 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from asyncbatch.config import CONFIG_KEY, AsyncBatchConfig, InvalidSettings
+from asyncbatch.config import CONFIG_KEY, InvalidSettings, settings_of
 
 STOCK_DEPTH = 2
 # Measured on an H100 (benchmarks/results/worker): 3 beats 2 for a host-bound
 # Llama-1B shape and ties for a GPU-bound 8B one; 4 was no better than 2.
 AUTO_DEPTH = 3
-WORKER_NAMES = ("asyncbatch.Worker", "asyncbatch.worker.Worker")
+WORKER_QUALNAME = "asyncbatch.worker.Worker"
+WORKER_NAMES = ("asyncbatch.Worker", WORKER_QUALNAME)
 
 _installed = False
 
@@ -59,7 +60,7 @@ def requested_depth(additional_config: Any) -> int | None:
     """
     if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
         return None
-    return AsyncBatchConfig.from_additional_config(additional_config).pipeline_depth
+    return settings_of(additional_config).pipeline_depth
 
 
 def effective_depth(vllm_config: Any) -> int:
@@ -120,11 +121,13 @@ def install_depth_override() -> None:
 
 
 def uses_asyncbatch_worker(worker_cls: Any) -> bool:
+    """Whether ``worker_cls`` (a qualified name or a class) is asyncbatch's worker or
+    a subclass of it.  By name, so this module need not import the worker (which
+    imports it)."""
     if isinstance(worker_cls, str):
         return worker_cls in WORKER_NAMES
-    from asyncbatch.worker import Worker
-
-    return isinstance(worker_cls, type) and issubclass(worker_cls, Worker)
+    return isinstance(worker_cls, type) and any(
+        f"{cls.__module__}.{cls.__qualname__}" == WORKER_QUALNAME for cls in worker_cls.__mro__)
 
 
 def runs_v2_model_runner(vllm_config: Any) -> bool:

@@ -3,22 +3,30 @@
 
 vLLM's scheduler admits waiting requests by ``peek_request``/``pop_request`` on
 ``Scheduler.waiting`` and stops at the first one that does not fit, so the
-order of this queue is the admission order.  On vLLM 0.26 as released the
-scheduler replaces ``Scheduler.waiting`` with this queue after construction and
-wraps ``schedule()`` only to hand the policy its per-step KV figures; with the
-hooks proposed in ``patches/`` it needs neither.
+order of this queue is the admission order.
+
+Calls run one way: the scheduler calls the queue, and the queue reads what it
+needs from the scheduler it is handed (`begin_step`).  With the waiting-queue
+hooks proposed in ``patches/0001`` vLLM's ``schedule()`` itself calls
+`begin_step`, `may_admit` (the memory gate) and `end_step`.  On vLLM as released,
+``asyncbatch.Scheduler`` replaces ``Scheduler.waiting`` with this queue after
+construction and wraps ``schedule()`` to call `begin_step` and `end_step`; the
+gate then ends vLLM's admission loop by making the queue falsy while it is closed
+(``gate_by_falsiness``), since that loop stops on an empty queue.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import overload
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, overload
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from asyncbatch.policy import RequestView, WaitingPolicy
+from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
 
 
 def request_view(request: Request) -> RequestView:
@@ -34,23 +42,34 @@ def request_view(request: Request) -> RequestView:
 
 
 class PolicyRequestQueue(RequestQueue):
-    """While ``gated`` (during the waiting-admission part of ``schedule()``), the
-    queue is falsy once the policy closes admission for the step, which ends
-    vLLM's admission loop without an override of ``schedule()``.
+    """The waiting queue, in the order of ``policy``.
 
-    Where vLLM has the waiting-queue hooks (patches/0001), ``schedule()`` calls
-    `begin_step`, `may_admit` and `end_step` itself: ``admission_gated`` then
-    stands for ``gated`` and the queue never turns falsy."""
+    Args:
+        policy: decides the order (`asyncbatch.policy`).
+        memory_gate: with the prefix policy, let its KV forecast end admission for
+            a step (`may_admit`).
+        gate_by_falsiness: end admission by turning falsy while the gate is closed
+            (vLLM without ``may_admit``, see the module docstring).
+    """
 
-    def __init__(self, policy: WaitingPolicy) -> None:
+    def __init__(self, policy: WaitingPolicy, *, memory_gate: bool = False,
+                 gate_by_falsiness: bool = False) -> None:
         self.policy = policy
+        # The per-step part (KV figures, gate) belongs to the prefix policy only.
+        self.prefix_policy = policy if isinstance(policy, PrefixGroupingPolicy) else None
+        self.memory_gate = memory_gate and self.prefix_policy is not None
+        self.gate_by_falsiness = gate_by_falsiness
+        # Between begin_step and end_step of a step the policy was told about.
+        self.step_open = False
+        # The memory gate is consulted: step_open and memory_gate.
         self.gated = False
-        self.admission_gated = False
-        # Set by asyncbatch.Scheduler where vLLM has the waiting-queue hooks.
-        self.on_begin_step: Callable[[], None] | None = None
-        self.on_end_step: Callable[[SchedulerOutput], None] | None = None
+        # request_id -> prompt tokens it found in the prefix cache when admitted, for
+        # the running requests the policy was told about (their blocks are shared)
+        self.num_cached_tokens: dict[str, int] = {}
         # request_id -> Request, for every request in the queue
         self._requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------ vLLM's queue API
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self._requests:
@@ -68,8 +87,9 @@ class PolicyRequestQueue(RequestQueue):
         self.policy.prepend(request_view(request))
         self._requests[request.request_id] = request
 
-    def prepend_requests(self, requests: RequestQueue) -> None:
+    def prepend_requests(self, requests: Iterable[Request]) -> None:  # type: ignore[override]
         # Same order as vLLM's FCFS deque.extendleft: the last one ends up first.
+        # (vLLM passes a RequestQueue up to 0.30 and a deque from 0.31.)
         for request in requests:
             self.prepend_request(request)
 
@@ -87,28 +107,17 @@ class PolicyRequestQueue(RequestQueue):
         del self._requests[request.request_id]
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
-        # vLLM removes a finished request from `waiting` and `skipped_waiting` with the
-        # same list (``Scheduler.finish_requests``): remove what is here, ignore the rest.
+        # vLLM removes a finished request from every waiting queue with the same list
+        # (``Scheduler.finish_requests``): remove what is here, ignore the rest.
         held = self._requests
         for request in requests:
             if held.get(request.request_id) is request:
                 self.remove_request(request)
 
     def __bool__(self) -> bool:
-        if self.gated:
+        if self.gated and self.gate_by_falsiness:
             return self.policy.admissible()
         return bool(self._requests)
-
-    def begin_step(self, scheduler: object) -> None:
-        if self.on_begin_step is not None:
-            self.on_begin_step()
-
-    def may_admit(self) -> bool:
-        return self.policy.admissible() if self.admission_gated else True
-
-    def end_step(self, scheduler_output: SchedulerOutput) -> None:
-        if self.on_end_step is not None:
-            self.on_end_step(scheduler_output)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -129,3 +138,68 @@ class PolicyRequestQueue(RequestQueue):
 
     def __contains__(self, request: object) -> bool:
         return getattr(request, "request_id", None) in self._requests
+
+    # ------------------------------------------- the step (patches/0001's hooks)
+
+    def begin_step(self, scheduler: Any) -> None:
+        """Start of ``schedule()``: hand the prefix policy the step's KV figures,
+        read from ``scheduler``.  Nothing to do for other policies, or with no
+        request waiting."""
+        policy = self.prefix_policy
+        if policy is None or not self._requests:
+            return
+        policy.begin_step(step_state(scheduler, policy, self.memory_gate,
+                                     self.num_cached_tokens))
+        self.step_open = True
+        self.gated = self.memory_gate
+
+    def may_admit(self) -> bool:
+        """Whether the next request may be admitted in this step (the memory gate)."""
+        return not self.gated or self.policy.admissible()
+
+    def end_step(self, scheduler_output: SchedulerOutput | None) -> None:
+        """End of ``schedule()`` (``None``: it raised)."""
+        if not self.step_open:
+            return
+        self.step_open = self.gated = False
+        assert self.prefix_policy is not None
+        self.prefix_policy.end_step()
+        if scheduler_output is not None:
+            cached = self.num_cached_tokens
+            for new in scheduler_output.scheduled_new_reqs:
+                # Tokens found in the prefix cache at admission: blocks shared with others.
+                cached[new.req_id] = new.num_computed_tokens
+
+    def request_finished(self, request: Request) -> None:
+        """A request left the scheduler: the policy learns its output length."""
+        policy = self.prefix_policy
+        if policy is None:
+            return
+        # Learn output lengths from requests that ended on their own.
+        if request.status != RequestStatus.FINISHED_ABORTED:
+            policy.on_finished(request.num_output_tokens, request.max_tokens)
+        self.num_cached_tokens.pop(request.request_id, None)
+
+
+def step_state(scheduler: Any, policy: PrefixGroupingPolicy, memory_gate: bool,
+               num_cached_tokens: dict[str, int]) -> StepState:
+    """The KV figures of this step, from vLLM's scheduler."""
+    running: list[tuple[int, int]] = []
+    if memory_gate and len(scheduler.running) < scheduler.max_num_running_reqs:
+        block_size = scheduler.block_size
+        expected = policy.expected_tokens
+        for r in scheduler.running:
+            computed = r.num_computed_tokens
+            # Blocks found in the prefix cache are shared: not this request's own.
+            own = -(-computed // block_size) - num_cached_tokens.get(r.request_id, 0) // block_size
+            left = expected(r.num_prompt_tokens, r.max_tokens) - computed
+            running.append((max(left, 0), max(own, 0)))
+    lowest = None
+    if policy.use_priority and scheduler.running:
+        lowest = max(r.priority for r in scheduler.running)
+    return StepState(
+        num_free_blocks=scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+        running=running,
+        now=time.time(),
+        lowest_running_priority=lowest,
+    )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -17,10 +16,10 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request, RequestStatus
+from vllm.v1.request import Request
 
 from asyncbatch._compat import check_vllm_version
-from asyncbatch.config import AsyncBatchConfig
+from asyncbatch.config import AsyncBatchConfig, settings_of
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
 from asyncbatch.glue.fastoutput import (
     HAS_VLLM_PLAIN_DECODE_OUTPUT,
@@ -42,7 +41,7 @@ from asyncbatch.glue.pipeline import (
 )
 from asyncbatch.glue.queue import PolicyRequestQueue
 from asyncbatch.policy import make_policy
-from asyncbatch.policy.prefix import PrefixGroupingPolicy, StepState
+from asyncbatch.policy.prefix import PrefixGroupingPolicy
 
 # Under vLLM's logger, so that its handler and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -84,7 +83,6 @@ class Scheduler(AsyncScheduler):
     prefix_policy: PrefixGroupingPolicy | None = None
     decode_fast_path: DecodeFastPath | None = None
     decode_fast_output: DecodeOutputFastPath | None = None
-    _policy_step_open = False
 
     def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
         check_vllm_version()
@@ -94,14 +92,9 @@ class Scheduler(AsyncScheduler):
                 "asyncbatch.Scheduler needs vLLM's async scheduling (two batches in "
                 f"flight), but it is off: {reason}"
             )
-        self.asyncbatch_config = settings = AsyncBatchConfig.from_additional_config(
-            vllm_config.additional_config
-        )
+        self.asyncbatch_config = settings = settings_of(vllm_config.additional_config)
         self.pipeline_depth = apply_depth(vllm_config)
         self.prefix_policy: PrefixGroupingPolicy | None = None
-        # request_id -> prompt tokens it found in the prefix cache when admitted
-        self._num_cached_tokens: dict[str, int] = {}
-        self._policy_step_open = False
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
@@ -144,6 +137,7 @@ class Scheduler(AsyncScheduler):
         """The policy-ordered waiting queue (called by vLLM's `__init__` where vLLM has the
         waiting-queue hooks, else by ours, replacing vLLM's queue)."""
         settings = self.asyncbatch_config
+        gate_by_falsiness = not HAS_WAITING_QUEUE_HOOKS
         if settings.policy == "prefix":
             pool = self.kv_cache_manager.block_pool
             self.prefix_policy = PrefixGroupingPolicy(
@@ -159,52 +153,24 @@ class Scheduler(AsyncScheduler):
                 grouping=settings.grouping and self.cache_config.enable_prefix_caching,
                 is_cached=self._is_cached,
             )
-            queue = PolicyRequestQueue(self.prefix_policy)
-            if HAS_WAITING_QUEUE_HOOKS:
-                queue.on_begin_step = self._on_begin_step
-                queue.on_end_step = self._on_end_step
-            return queue
-        return PolicyRequestQueue(make_policy(settings.policy, vllm_policy=self.policy.value))
-
-    def _begin_policy_step(self) -> bool:
-        """Start of `schedule()`: the prefix policy gets the step's KV figures.
-        True if it did (then `_end_policy_step` follows)."""
-        policy = self.prefix_policy
-        if policy is None or not self.waiting:
-            return False
-        policy.begin_step(self._step_state(policy))
-        return True
-
-    def _end_policy_step(self, out: SchedulerOutput | None) -> None:
-        assert self.prefix_policy is not None
-        self.prefix_policy.end_step()
-        for new in out.scheduled_new_reqs if out is not None else ():
-            # Tokens found in the prefix cache at admission: blocks shared with others.
-            self._num_cached_tokens[new.req_id] = new.num_computed_tokens
-
-    # vLLM with the waiting-queue hooks calls these through the queue from `schedule()`.
-    def _on_begin_step(self) -> None:
-        self._policy_step_open = self._begin_policy_step()
-        self.waiting.admission_gated = (self._policy_step_open
-                                        and self.asyncbatch_config.memory_gate)
-
-    def _on_end_step(self, out: SchedulerOutput) -> None:
-        if self._policy_step_open:
-            self._policy_step_open = self.waiting.admission_gated = False
-            self._end_policy_step(out)
+            return PolicyRequestQueue(self.prefix_policy, memory_gate=settings.memory_gate,
+                                      gate_by_falsiness=gate_by_falsiness)
+        return PolicyRequestQueue(make_policy(settings.policy, vllm_policy=self.policy.value),
+                                  gate_by_falsiness=gate_by_falsiness)
 
     if not HAS_WAITING_QUEUE_HOOKS:
 
         def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-            if not self._begin_policy_step():
+            # What vLLM's schedule() does itself with patches/0001.
+            waiting = getattr(self, "waiting", None)
+            if not isinstance(waiting, PolicyRequestQueue):  # a scheduler built without __init__
                 return super().schedule(*args, **kwargs)
-            self.waiting.gated = self.asyncbatch_config.memory_gate
+            waiting.begin_step(self)
             out = None
             try:
                 out = super().schedule(*args, **kwargs)
             finally:
-                self.waiting.gated = False
-                self._end_policy_step(out)
+                waiting.end_step(out)
             return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -241,28 +207,6 @@ class Scheduler(AsyncScheduler):
                 request.next_decode_eligible_step = max(
                     request.next_decode_eligible_step, eligible)
 
-    def _step_state(self, policy: PrefixGroupingPolicy) -> StepState:
-        running: list[tuple[int, int]] = []
-        if self.asyncbatch_config.memory_gate and len(self.running) < self.max_num_running_reqs:
-            block_size = self.block_size
-            expected = policy.expected_tokens
-            cached = self._num_cached_tokens
-            for r in self.running:
-                computed = r.num_computed_tokens
-                # Blocks found in the prefix cache are shared: not this request's own.
-                own = -(-computed // block_size) - cached.get(r.request_id, 0) // block_size
-                left = expected(r.num_prompt_tokens, r.max_tokens) - computed
-                running.append((max(left, 0), max(own, 0)))
-        lowest = None
-        if policy.use_priority and self.running:
-            lowest = max(r.priority for r in self.running)
-        return StepState(
-            num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
-            running=running,
-            now=time.time(),
-            lowest_running_priority=lowest,
-        )
-
     def _is_cached(self, block_hash: Hashable) -> bool:
         if not self.cache_config.enable_prefix_caching:
             return False
@@ -271,13 +215,9 @@ class Scheduler(AsyncScheduler):
         return cached.get_one_block(key) is not None
 
     def on_request_finished(self, request: Request) -> None:
-        policy = self.prefix_policy
-        if policy is None:
-            return
-        # Learn output lengths from requests that ended on their own.
-        if request.status != RequestStatus.FINISHED_ABORTED:
-            policy.on_finished(request.num_output_tokens, request.max_tokens)
-        self._num_cached_tokens.pop(request.request_id, None)
+        waiting = getattr(self, "waiting", None)
+        if isinstance(waiting, PolicyRequestQueue):
+            waiting.request_finished(request)
 
     if not HAS_FINISHED_HOOK:
 

@@ -240,8 +240,10 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._gate_closed = False
         # expected output length / max_tokens, learned from finished requests
         self.output_ratio = 1.0
-        # the answer of `peek`, until the next change
+        # the answers of `peek` and `admissible`, until the next change (vLLM asks
+        # each several times per admission)
         self._next: str | None = None
+        self._admissible: bool | None = None
         # the request `peek` named because it is overdue
         self._overdue_pick: str | None = None
 
@@ -263,7 +265,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
             unit.order.append(rid)
         else:
             self._push(unit)
-        self._next = None
+        self._next = self._admissible = None
 
     def prepend(self, view: RequestView) -> None:
         rid = view.request_id
@@ -277,12 +279,12 @@ class PrefixGroupingPolicy(WaitingPolicy):
         heapq.heappush(self._front, key)
         self._front_ids.add(rid)
         self._entries[rid] = _Entry(view, next(self._seq), (), None, self._num_deviation_steps)
-        self._next = None
+        self._next = self._admissible = None
 
     def remove(self, request_id: str) -> None:
         entry = self._entries.pop(request_id)
         self._forget(entry)
-        self._next = None
+        self._next = self._admissible = None
 
     def pop(self) -> str:
         rid = self.peek()
@@ -302,7 +304,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
         if self._forecast is not None:
             self._forecast.add(*self._candidate(entry))
         self._num_admitted += 1
-        self._next = None
+        self._next = self._admissible = None
         return rid
 
     def begin_step(self, state: StepState) -> None:
@@ -315,11 +317,12 @@ class PrefixGroupingPolicy(WaitingPolicy):
         self._forecast = None
         self._num_admitted = 0
         self._gate_closed = False
-        self._next = None
+        self._next = self._admissible = None
 
     def end_step(self) -> None:
         self._state = None
         self._forecast = None
+        self._admissible = None
 
     def on_finished(self, num_output_tokens: int, max_tokens: int) -> None:
         """A request finished: learn the expected output length as a share of
@@ -330,6 +333,7 @@ class PrefixGroupingPolicy(WaitingPolicy):
             ratio = min(1.0, num_output_tokens / max_tokens)
             rate = 0.2 if ratio > self.output_ratio else 0.02
             self.output_ratio += rate * (ratio - self.output_ratio)
+            self._admissible = None
 
     # ----------------------------------------------------------------- queries
 
@@ -340,6 +344,12 @@ class PrefixGroupingPolicy(WaitingPolicy):
 
     def admissible(self) -> bool:
         """Whether the request `peek` names may be admitted in this step."""
+        answer = self._admissible
+        if answer is None:
+            answer = self._admissible = self._admissible_now()
+        return answer
+
+    def _admissible_now(self) -> bool:
         if not self._entries:
             return False
         state = self._state

@@ -108,7 +108,7 @@ class SoakConfig:
     wait_slack: int = 2
     check_every: int = 1
     # state left behind at the end that is not reported as a violation
-    # (names as in the message: "policy._resident", "_num_cached_tokens")
+    # (names as in the message: "policy._resident", "waiting.num_cached_tokens")
     allowed_leftovers: frozenset[str] = frozenset()
     # Request states outside the waiting queue (0: none; see `with_request_states`).
     # share of requests under a grammar, which compiles over 0-6 engine steps
@@ -914,8 +914,8 @@ class SoakRun:
         if len(self.ledger.ids) != self.config.num_requests or self.planned:
             raise InvariantViolation(
                 f"{len(self.ledger.ids)} of {self.config.num_requests} requests finished")
-        leftovers = {name: len(getattr(s, name)) for name in ("_num_cached_tokens",)
-                     if hasattr(s, name) and len(getattr(s, name))}
+        cached = getattr(s.waiting, "num_cached_tokens", ())
+        leftovers = {"waiting.num_cached_tokens": len(cached)} if cached else {}
         policy = getattr(s, "prefix_policy", None)
         if policy is not None:
             for name in ("_entries", "_units", "_roots", "_front_ids", "_by_uid", "_resident"):
