@@ -17,8 +17,9 @@ replay:
 	$(PY) -m asyncbatch.bench.cli replay
 
 # vLLM's own tests/v1/core against asyncbatch.Scheduler (conformance/run.py)
+CONFORMANCE_JOBS ?= 2
 conformance:
-	$(PY) conformance/run.py
+	$(PY) conformance/run.py --jobs $(CONFORMANCE_JOBS)
 
 demo:
 	$(PY) -m asyncbatch.demo

@@ -19,9 +19,11 @@ so the reference and the plugin run the same protocol.  Outcomes are written to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from types import FunctionType
 from typing import Any
 
 import pytest
@@ -55,6 +57,8 @@ def _scheduler_under_test() -> type:
 
     class ConformanceScheduler(base):  # type: ignore[valid-type,misc]
         def __init__(self, *, vllm_config: Any, **kwargs: Any) -> None:
+            global _touched
+            _touched = True
             vllm_config.scheduler_config.async_scheduling = True
             if VARIANT != "stock":
                 extra = dict(vllm_config.additional_config or {})
@@ -69,6 +73,40 @@ def _scheduler_under_test() -> type:
 
 
 SCHEDULER = _scheduler_under_test()
+
+# Whether the running test has called the scheduler under test (any method, on an
+# instance built with or without ``__init__``). The stock run records it per test, so
+# that the plugin's runs need only the tests that reach a scheduler: the others
+# exercise the same vLLM code whichever scheduler is chosen.
+_touched = False
+
+
+def _record_calls(cls: type) -> None:
+    seen: set[str] = set(vars(cls))
+    for klass in cls.__mro__[1:]:
+        if klass is object:
+            continue
+        for name, value in vars(klass).items():
+            if name in seen or not isinstance(value, FunctionType) or name in (
+                    "__init_subclass__", "__new__", "__getattribute__", "__getattr__",
+                    "__setattr__", "__delattr__", "__repr__"):
+                continue
+            seen.add(name)
+            setattr(cls, name, _recording(value))
+
+
+def _recording(method: Any) -> Any:
+    @functools.wraps(method)
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        global _touched
+        _touched = True
+        return method(*args, **kwargs)
+
+    return recording
+
+
+if VARIANT == "stock":
+    _record_calls(SCHEDULER)
 
 
 _STOCK_CLASSES = (VllmScheduler, AsyncScheduler)
@@ -112,9 +150,18 @@ def caplog_vllm(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixtur
 
 
 _outcomes: dict[str, str] = {}
+# the tests that called the scheduler under test (recorded in the stock run)
+_touched_tests: set[str] = set()
+
+
+def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
+    global _touched
+    _touched = False
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _touched:
+        _touched_tests.add(report.nodeid)
     # A test failed if any phase failed; else it took the outcome of its call, or
     # was skipped (in setup or call).
     if report.outcome == "failed":
@@ -135,4 +182,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if out:
         with open(out, "w") as f:
             json.dump({"variant": VARIANT, "scheduler": SCHEDULER.__name__,
-                       "outcomes": dict(sorted(_outcomes.items()))}, f, indent=1)
+                       "outcomes": dict(sorted(_outcomes.items())),
+                       "touched": sorted(_touched_tests) if VARIANT == "stock" else None},
+                      f, indent=1)

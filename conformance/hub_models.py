@@ -232,15 +232,20 @@ def write_model(root: Path, name: str) -> Path:
 def write_hub_models(root: str | Path) -> Path:
     """Write every stand-in under ``root`` (once) and return the redirect file,
     a JSON object hub name -> folder, for ``VLLM_MODEL_REDIRECT_PATH``."""
+    import fcntl
+
     root = Path(root)
     redirect = root / "redirect.json"
     stamp = root / ".complete"
-    if stamp.exists() and stamp.read_text() == _fingerprint():
-        return redirect
     root.mkdir(parents=True, exist_ok=True)
-    folders = {name: str(write_model(root, name)) for name in CONFIGS}
-    redirect.write_text(json.dumps(folders, indent=1))
-    stamp.write_text(_fingerprint())
+    # One writer at a time (CI runs the conformance of two releases at once).
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() == _fingerprint():
+            return redirect
+        folders = {name: str(write_model(root, name)) for name in CONFIGS}
+        redirect.write_text(json.dumps(folders, indent=1))
+        stamp.write_text(_fingerprint())
     return redirect
 
 

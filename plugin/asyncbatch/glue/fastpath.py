@@ -199,9 +199,14 @@ class CacheBlocksFastPath(_ManagerFastPath):
         """vLLM's own path on the same call must cache nothing."""
         manager, rid = self.manager, request.request_id
         blocks = manager.req_to_blocks.get(rid, ())
+        # vLLM's cache_blocks only ever hashes blocks past those already cached (and,
+        # with prefix caching off, none: then the last block stands for them all).
+        first = (manager.num_cached_block.get(rid, 0) if self.caching
+                 else max(len(blocks) - 1, 0))
 
         def state() -> tuple[int, list[Any]]:
-            return manager.num_cached_block.get(rid, 0), [b.block_hash for b in blocks]
+            return (manager.num_cached_block.get(rid, 0),
+                    [b.block_hash for b in blocks[first:]])
 
         before = state()
         self.slow(request, num_computed_tokens)
