@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Checks the proposed vLLM patches (patches/*.patch) against the installed vLLM 0.26.0:
+# Checks the proposed vLLM patches against an installed vLLM release: patches/*.patch
+# against vLLM 0.33.0 (the base upstream reviews them on), patches/vllm-0.26.0/*.patch
+# (the earlier set, kept for history) against vLLM 0.26.0:
 #  1. each patch applies cleanly (no fuzz) to the pristine vLLM source, on its own;
 #  2. all patches apply in order to a copy of the installed package (Python files copied
 #     only where a patch touches them, everything else, compiled .so files included,
@@ -7,24 +9,45 @@
 #  3. the plugin's engine tests and tests/patches pass on the unpatched vLLM (fallback
 #     overrides) and on the patched copy (upstream hooks), and a scheduling trace of the
 #     prefix policy is the same on both.
-# Usage: bash patches/check.sh [--patched-only]
+# Usage: bash patches/check.sh [--vllm 0.33|0.26] [--patched-only]
+# The python comes from $ASYNCBATCH_PYTHON if set (a venv's bin/python with vLLM
+# installed), else from scripts/venv.sh for the release given by --vllm (default 0.33).
 set -euo pipefail
 command -v patch >/dev/null || { echo "patches/check.sh needs GNU patch (apt-get install patch)" >&2; exit 1; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 unpatched=1
-[ "${1:-}" = "--patched-only" ] && unpatched=0
-py="$(scripts/venv.sh)/bin/python"
+vllm=0.33
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --patched-only) unpatched=0 ;;
+    --vllm) vllm=${2:?--vllm needs a release, e.g. 0.33}; shift ;;
+    --vllm=*) vllm=${1#--vllm=} ;;
+    *) echo "usage: bash patches/check.sh [--vllm 0.33|0.26] [--patched-only]" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -n "${ASYNCBATCH_PYTHON:-}" ]; then
+  py=$ASYNCBATCH_PYTHON
+else
+  py="$(scripts/venv.sh "$vllm")/bin/python"
+fi
 # vLLM seeds its block hashes from PYTHONHASHSEED (random otherwise), and the prefix policy
 # orders siblings by block hash: a fixed seed makes the two traces comparable.
 export PYTHONHASHSEED=0
 src=$("$py" -c 'import os, vllm; print(os.path.dirname(vllm.__file__))')
 version=$("$py" -c 'import importlib.metadata as m; print(m.version("vllm"))')
-[ "$version" = "0.26.0" ] || { echo "patches target vLLM 0.26.0, found $version" >&2; exit 1; }
+case "$version" in
+  0.33.0) patches=(patches/*.patch) ;;
+  0.26.0) patches=(patches/vllm-0.26.0/*.patch) ;;
+  *) echo "patches target vLLM 0.33.0 (patches/) or 0.26.0 (patches/vllm-0.26.0/), found $version" >&2
+     exit 1 ;;
+esac
+# the tests check that the patched copy still reports the release it was made from
+export ASYNCBATCH_EXPECT_VLLM=$version
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
-patches=(patches/*.patch)
 files() { sed -n 's#^+++ b/\(vllm/[^[:space:]]*\).*#\1#p' "$1" | sort -u; }
 
 echo "== apply: each patch alone to vLLM $version ($src)"
@@ -63,10 +86,10 @@ run_tests() {  # prints the summary line, or the failures
   fi
 }
 if [ "$unpatched" = 1 ]; then
-  echo "== tests on the unpatched vLLM (fallback overrides)"
+  echo "== tests on the unpatched vLLM $version (fallback overrides)"
   ASYNCBATCH_EXPECT_HOOKS=0 ASYNCBATCH_TRACE_OUT="$work/trace.unpatched" run_tests || status=1
 fi
-echo "== tests on the patched vLLM (upstream hooks)"
+echo "== tests on the patched vLLM $version (upstream hooks)"
 export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
 ASYNCBATCH_EXPECT_HOOKS=1 ASYNCBATCH_PATCHED_VLLM="$tree/vllm" \
   ASYNCBATCH_TRACE_OUT="$work/trace.patched" run_tests || status=1
@@ -78,5 +101,5 @@ if [ "$unpatched" = 1 ]; then
     status=1
   fi
 fi
-echo "patch check: $([ $status = 0 ] && echo passed || echo FAILED) in $(( $(date +%s) - start )) s"
+echo "patch check (vLLM $version): $([ $status = 0 ] && echo passed || echo FAILED) in $(( $(date +%s) - start )) s"
 exit $status
