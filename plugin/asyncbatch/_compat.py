@@ -123,6 +123,20 @@ def is_parked(scheduler: Any, request: Any) -> bool:
 
 
 
+def output_loop_since_033() -> bool:
+    """Whether ``Scheduler.update_from_output``'s per-request loop is laid out as in
+    vLLM 0.33 (stale output counted by ``num_stale_output_tokens``, placeholders and
+    ``cache_blocks`` resolved in the loop itself, ``check_stop`` testing
+    ``min_tokens`` only before the repetition check, an aux output connector) rather
+    than as in 0.26 (``async_tokens_to_discard``, placeholders in
+    ``AsyncScheduler._update_request_with_output``, ``min_tokens`` first).  The
+    decode fast output mirrors one of the two; on the releases between them its
+    source hash check keeps it off."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    return "_update_request_with_output" not in vars(AsyncScheduler)
+
+
 def prefix_cache_counts_every_lookup() -> bool:
     """Whether vLLM's prefix-cache counters (``PrefixCacheStats.queries/hits``) count
     every lookup of a waiting request, also the repeated ones while it does not fit

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The steady-decode fast path for ``update_from_output``
-(`asyncbatch.glue.fastoutput`) on the real vLLM 0.26 scheduler (CPU).
+(`asyncbatch.glue.fastoutput`) on the real vLLM scheduler (CPU; 0.26 and 0.33 lay out
+that loop differently).
 
 Each test runs the same requests with the fast path on and off and compares, after
 every ``update_from_output``, the ``EngineCoreOutputs`` it returned (in order) and
@@ -12,6 +13,7 @@ import pytest
 from outputs import SPECIAL_LIMITS, record, run_special_requests
 from streams import ASYNCBATCH, STOCK, feed, prefix_stream, settings
 
+from asyncbatch._compat import output_loop_since_033
 from asyncbatch.glue import fastoutput
 from asyncbatch.glue.fastoutput import HAS_VLLM_PLAIN_DECODE_OUTPUT, fast_output_gaps
 from asyncbatch.glue.overrides import fast_path_verified
@@ -81,8 +83,10 @@ def test_every_stop_rule_the_same(make_scheduler):
     reasons = {rid[:-1]: f.finish_reason for rid, f in engine_on.finished.items()}
     assert reasons == {"plain": "length", "stopid": "stop", "mintok": "stop",
                        "logprobs": "length", "rep": "repetition", "long": "length"}
-    # min_tokens held the early EOS back
-    assert all(len(engine_on.finished[f"mintok{i}"].output_token_ids) == 5 + i for i in range(4))
+    # min_tokens held the early EOS back (vLLM <= 0.32); vLLM 0.33's check_stop stops at
+    # an EOS whatever min_tokens says (its sampler keeps the EOS from being sampled)
+    lengths = [len(engine_on.finished[f"mintok{i}"].output_token_ids) for i in range(4)]
+    assert lengths == ([3] * 4 if output_loop_since_033() else [5 + i for i in range(4)])
     assert steps_on == steps_off
     assert engine_on.finished == engine_off.finished
 
@@ -95,13 +99,13 @@ def test_a_wrong_fast_path_is_caught(make_scheduler, monkeypatch, mutation):
     hashes.)"""
     kwargs = settings(policy="fcfs")
     if mutation == "misses_eos":
-        may_stop = fastoutput.DecodeOutputFastPath._may_stop
+        name = "_may_stop_033" if output_loop_since_033() else "_may_stop"
+        may_stop = getattr(fastoutput.DecodeOutputFastPath, name)
 
         def misses_eos(request, params, token, *args):
             return token != params.eos_token_id and may_stop(request, params, token, *args)
 
-        monkeypatch.setattr(fastoutput.DecodeOutputFastPath, "_may_stop",
-                            staticmethod(misses_eos))
+        monkeypatch.setattr(fastoutput.DecodeOutputFastPath, name, staticmethod(misses_eos))
     else:
         monkeypatch.setattr(fastoutput.DecodeOutputFastPath, "__init__", _no_hashing_init)
         kwargs["enable_prefix_caching"] = False
@@ -134,7 +138,10 @@ def test_not_installed_where_it_cannot_stand_in():
     assert fast_output_gaps(scheduler(enable_kv_cache_events=True)) == [
         "KV cache events published"]
     assert fast_output_gaps(scheduler(enable_return_routed_experts=True)) == [
-        "routed experts returned"]
+        "routed experts returned (an aux output connector)"]
+    assert fast_output_gaps(scheduler(aux_output_connector=object())) == [
+        "routed experts returned (an aux output connector)"]
+    assert fast_output_gaps(scheduler(return_sampling_mask=True)) == ["sampling masks returned"]
     metrics = SimpleNamespace(is_enabled=lambda: True)
     assert fast_output_gaps(scheduler(perf_metrics=metrics)) == [
         "per-step performance metrics"]

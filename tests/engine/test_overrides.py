@@ -36,10 +36,14 @@ def test_the_doc_is_the_register():
 
 
 def test_every_shadowed_function_exists_here():
+    # in some supported releases only (the source hash counts them as missing elsewhere)
+    sometimes = {
+        "AsyncScheduler._update_request_with_output": "folded into Scheduler's in 0.33",
+        "StructuredOutputManager.accept_tokens": "not in 0.26",
+    }
     for o in REGISTER:
         for dotted in o.shadows:
-            # vLLM 0.33 folded AsyncScheduler's output update into Scheduler's
-            if dotted.endswith("AsyncScheduler._update_request_with_output"):
+            if dotted.rpartition(":")[2] in sometimes:
                 continue
             assert overrides._resolve(dotted) is not None, dotted
 

@@ -150,17 +150,20 @@ REGISTER: tuple[Override, ...] = (
                  "per-request loop)",
         why="vLLM's general per-request loop is about half the EngineCore's host time per "
             "step at 1000 requests in decode",
-        verified_on=("0.26.0",),
-        upstream="patches/0007 (Scheduler._update_plain_decode)",
+        verified_on=("0.26.0", "0.33.0"),
+        upstream="patches/0007 (Scheduler._update_plain_decode); vllm#42131",
         shadows=(
             f"{_SCHED}:Scheduler.update_from_output",
             f"{_SCHED}:Scheduler._update_request_with_output",
             "vllm.v1.core.sched.async_scheduler:AsyncScheduler._update_request_with_output",
             "vllm.v1.core.sched.utils:check_stop",
             "vllm.v1.request:Request.append_output_token_ids",
+            "vllm.v1.request:Request.take_prefill_stats",
+            "vllm.v1.structured_output:StructuredOutputManager.accept_tokens",
         ),
         verified={
-            "0.26.0": "56ca9a56fbdf3156",
+            "0.26.0": "b61ebdf2ba058d4c",
+            "0.33.0": "c171a8a9969140d2",
         },
     ),
 )
