@@ -142,15 +142,15 @@ def prefix_cache_counts_every_lookup() -> bool:
 
 
 def dp_engine_loads(client: Any) -> list[float]:
-    """Each engine's load as vLLM's own balancer scores it on this release, in
-    units of one routed request (the score a request adds when this client
-    routes it), engines in rank order.
+    """Each engine's load in requests, engines in rank order, in units of one
+    request routed by this client (vLLM adds ``client_count`` to an engine's
+    waiting count per routed request, for the other API servers' share).
 
-    - <= 0.32: ``4 * waiting + running``; a routed request adds
-      ``client_count`` waiting (4 * client_count to the score);
-    - 0.33: ``max(client_count * in_flight, waiting + running)``, plus
-      ``6 * waiting * max(0, kv_cache_usage - 0.5)``; a routed request adds
-      ``client_count``.
+    - <= 0.32: ``waiting + running`` (vLLM's balancer picks the least ``4 *
+      waiting + running``; the bound counts requests, so that a group arriving
+      together, which waits a moment, does not count four times);
+    - 0.33: vLLM's own score, ``max(client_count * in_flight, waiting +
+      running)`` plus ``6 * waiting * max(0, kv_cache_usage - 0.5)``.
     """
     client_count = max(1, int(getattr(client, "client_count", 1) or 1))
     inflight = getattr(client, "engine_inflight", None)
@@ -158,14 +158,13 @@ def dp_engine_loads(client: Any) -> list[float]:
     loads: list[float] = []
     for idx, entry in enumerate(client.lb_engines):
         waiting, running = float(entry[0]), float(entry[1])
+        score = waiting + running
         if len(entry) >= 3 and inflight is not None:
             own = inflight[engines[idx]] if idx < len(engines) else 0
-            score = max(client_count * own, waiting + running)
+            score = max(client_count * own, score)
             if waiting:
                 score += waiting * 6.0 * max(0.0, float(entry[2]) - 0.5)
-            loads.append(score / client_count)
-        else:
-            loads.append((4.0 * waiting + running) / (4.0 * client_count))
+        loads.append(score / client_count)
     return loads
 
 

@@ -208,9 +208,9 @@ class AsyncBatchConfig(BaseModel):
         ge=0.0,
         description=(
             "eps of the data-parallel routing's load bound: an engine takes a request only "
-            "if its load (vLLM's balancing score, in requests) stays within ceil((1 + eps) "
-            "x the mean load); else the key's next engine is tried. With 2 engines, 0.1 "
-            "keeps the busier within about 1.22x the other."
+            "if its load (requests waiting and running there, as the DP coordinator reports "
+            "them) stays within ceil((1 + eps) x the mean load); else the key's next engine "
+            "is tried. With 2 engines, 0.1 keeps the busier within about 1.22x the other."
         ),
     )
 
