@@ -121,7 +121,7 @@ def test_groups_stay_together_with_balanced_stats(hooked):
     client = make_client(hooked, 2)
     placed: dict[int, set[int]] = {}
     per_engine = Counter()
-    for i, (g, m, tokens) in enumerate(group_prompts(12, 6)):
+    for i, (g, _, tokens) in enumerate(group_prompts(12, 6)):
         if i % 8 == 0:  # coordinator: both engines equally busy
             coordinator_update(client, [[1, 10], [1, 10]])
         req = make_request(f"r{i}", tokens)

@@ -68,9 +68,9 @@ def test_salt_lora_and_multimodal_items_separate_keys():
 
 
 def test_key_does_not_depend_on_the_hash_seed():
-    code = ("import sys; sys.path.insert(0, %r); from asyncbatch.dp.routing import prefix_key,"
-            " hrw_order; k = prefix_key(list(range(2, 300)), cache_salt='s', lora_name='l');"
-            " print(k.hex(), hrw_order(k, range(8)))" % sys.path[0])
+    code = ("from asyncbatch.dp.routing import prefix_key, hrw_order;"
+            " k = prefix_key(list(range(2, 300)), cache_salt='s', lora_name='l');"
+            " print(k.hex(), hrw_order(k, range(8)))")
     outs = set()
     for seed in ("0", "1", "random"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -183,7 +183,7 @@ def test_with_departures_a_rank_takes_requests_only_within_the_bound(n, eps, see
     loads = [0] * n
     live: list[tuple[int, int]] = []
     for t in range(600):
-        for end, r in [x for x in live if x[0] <= t]:
+        for _, r in [x for x in live if x[0] <= t]:
             loads[r] -= 1
         live = [x for x in live if x[0] > t]
         k = hot if rng.random() < 0.5 else key_of(rng.randrange(10**9))
