@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Scheduler", "Worker", "__version__", "register"]
+__all__ = ["Scheduler", "Worker", "__version__", "partition_by_prefix", "register"]
 
 if TYPE_CHECKING:
+    from asyncbatch.dp.partition import partition_by_prefix
     from asyncbatch.glue.scheduler import Scheduler
     from asyncbatch.worker import Worker
 
@@ -26,8 +27,11 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group.
 
     vLLM calls it once per process (front end, EngineCore, workers), and may call
-    it again; it only checks that the installed vLLM is the one this plugin is
-    written against.  It does no CUDA work and imports nothing heavy.
+    it again; it checks that the installed vLLM is the one this plugin is
+    written against, and installs the data-parallel routing hook
+    (`asyncbatch.dp.frontend`), which patches vLLM's load-balancing client when
+    its module is imported and decides per client whether to route (setting
+    ``dp_routing``).  It does no CUDA work and imports nothing heavy.
     """
     global _registered
     if _registered:
@@ -35,6 +39,9 @@ def register() -> None:
     from asyncbatch._compat import check_vllm_version
 
     check_vllm_version()
+    from asyncbatch.dp.frontend import install
+
+    install()
     _registered = True
 
 
@@ -43,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from asyncbatch.glue.scheduler import Scheduler
 
         return Scheduler
+    if name == "partition_by_prefix":
+        from asyncbatch.dp.partition import partition_by_prefix
+
+        return partition_by_prefix
     if name == "Worker":
         from asyncbatch.worker import Worker
 

@@ -145,3 +145,70 @@ def prefix_cache_counts_every_lookup() -> bool:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     return not hasattr(KVCacheManager, "record_prefix_cache_stats")
+
+
+# ------------------------------------------------- data-parallel front end
+# vLLM's load-balancing client (DPLBAsyncMPClient) keeps one entry per engine in
+# ``lb_engines``, refreshed from the DP coordinator every ~100 ms and bumped
+# locally for each routed request: [waiting, running] (<= 0.32) or [waiting,
+# running, kv_cache_usage] (0.33, which also keeps an exact per-engine count of
+# this client's unfinished requests, ``engine_inflight``).
+
+
+def dp_engine_loads(client: Any) -> list[float]:
+    """Each engine's load in requests, engines in rank order, in units of one
+    request routed by this client (vLLM adds ``client_count`` to an engine's
+    waiting count per routed request, for the other API servers' share).
+
+    - <= 0.32: ``waiting + running`` (vLLM's balancer picks the least ``4 *
+      waiting + running``; the bound counts requests, so that a group arriving
+      together, which waits a moment, does not count four times);
+    - 0.33: vLLM's own score, ``max(client_count * in_flight, waiting +
+      running)`` plus ``6 * waiting * max(0, kv_cache_usage - 0.5)``.
+    """
+    client_count = max(1, int(getattr(client, "client_count", 1) or 1))
+    inflight = getattr(client, "engine_inflight", None)
+    engines = list(getattr(client, "core_engines", ()))
+    loads: list[float] = []
+    for idx, entry in enumerate(client.lb_engines):
+        waiting, running = float(entry[0]), float(entry[1])
+        score = waiting + running
+        if len(entry) >= 3 and inflight is not None:
+            own = inflight[engines[idx]] if idx < len(engines) else 0
+            score = max(client_count * own, score)
+            if waiting:
+                score += waiting * 6.0 * max(0.0, float(entry[2]) - 0.5)
+        loads.append(score / client_count)
+    return loads
+
+
+def dp_count_routed(client: Any, rank: int) -> None:
+    """What vLLM's balancer does to its load view after choosing ``rank``: one
+    more waiting request per API server (``client_count``), until the next
+    coordinator update replaces the counts."""
+    counts = client.lb_engines
+    if 0 <= rank < len(counts):
+        counts[rank][0] += max(1, int(getattr(client, "client_count", 1) or 1))
+
+
+def scheduler_is_asyncbatch(vllm_config: Any) -> bool:
+    """Whether the engines run asyncbatch's scheduler (``--scheduler-cls
+    asyncbatch.Scheduler``, its full name, or a subclass of it)."""
+    scheduler_cls = getattr(getattr(vllm_config, "scheduler_config", None),
+                            "scheduler_cls", None)
+    if scheduler_cls is None:
+        return False
+    if isinstance(scheduler_cls, str):
+        if scheduler_cls in ("asyncbatch.Scheduler", "asyncbatch.glue.scheduler.Scheduler"):
+            return True
+        if scheduler_cls.startswith("vllm."):
+            return False
+        module_name, _, attr = scheduler_cls.rpartition(".")
+        try:
+            import importlib
+
+            scheduler_cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError):
+            return False
+    mro = getattr(scheduler_cls, "__mro__", ())
+    return any(getattr(c, "__module__", "").startswith("asyncbatch.") for c in mro)

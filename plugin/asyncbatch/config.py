@@ -179,6 +179,42 @@ class AsyncBatchConfig(BaseModel):
         ),
     )
 
+    dp_routing: Literal["auto", "prefix", "off"] = Field(
+        default="auto",
+        description=(
+            "With vllm serve --data-parallel-size N > 1 (vLLM's internal load balancing): "
+            "which engine a request that names none (no X-data-parallel-rank) goes to. "
+            '"prefix": by its prefix key (dp_prefix_tokens), rendezvous-hashed over the '
+            "engines, the first engine in that order whose load stays within dp_load_bound "
+            "of the mean, so requests sharing a prefix meet on one engine and a hot prefix "
+            "spills to its second choice. Stateless: several API servers choose alike. "
+            '"auto": "prefix" when the engines run asyncbatch.Scheduler, else vLLM\'s '
+            'balancing. "off": vLLM\'s balancing, by load alone. See '
+            "docs/scale-out.md."
+        ),
+    )
+    dp_prefix_tokens: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Leading prompt tokens the data-parallel routing key covers, in whole KV blocks "
+            "(rounded down, at least one block); a shorter prompt is keyed on its whole "
+            "blocks, and one shorter than a block is balanced by load. The key also covers "
+            "cache_salt, the LoRA adapter and multimodal items in those tokens. 64 (4 "
+            "blocks of 16) passes the chat-template header of common models."
+        ),
+    )
+    dp_load_bound: float = Field(
+        default=0.1,
+        ge=0.0,
+        description=(
+            "eps of the data-parallel routing's load bound: an engine takes a request only "
+            "if its load (requests waiting and running there, as the DP coordinator reports "
+            "them) stays within ceil((1 + eps) x the mean load); else the key's next engine "
+            "is tried. With 2 engines, 0.1 keeps the busier within about 1.22x the other."
+        ),
+    )
+
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> AsyncBatchConfig:
         """Build the settings from ``VllmConfig.additional_config``.

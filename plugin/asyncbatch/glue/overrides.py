@@ -122,6 +122,19 @@ REGISTER: tuple[Override, ...] = (
         upstream="patches/0005 (VllmConfig.default_max_cudagraph_capture_size)",
     ),
     Override(
+        name="data-parallel routing",
+        kind="hook",
+        replaces="DPLBAsyncMPClient.get_core_engine_for_request (wrapped, in the API server "
+                 "and AsyncLLM processes; patched when vllm.v1.engine.core_client is "
+                 "imported): a request that names no rank gets one by its prefix key, "
+                 "then vLLM's method records it as for a named rank; with dp_routing "
+                 '"auto", only when the engines run asyncbatch.Scheduler',
+        why="vLLM picks a data-parallel engine by load alone, so the members of a prefix "
+            "group spread over the engines and each computes the prefix again",
+        verified_on=("0.26.0", "0.33.0"),
+        upstream="prefix-aware data-parallel balancing in vLLM (vllm#43483)",
+    ),
+    Override(
         name="decode_fast_path",
         kind="fast path",
         replaces="KVCacheManager.allocate_slots and KVCacheManager.cache_blocks (bound "

@@ -1,0 +1,788 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Data-parallel A/B: prefix routing against vLLM's own balancing, on ``vllm serve
+--data-parallel-size 2`` (dummy weights, loopback, no internet needed).
+
+    python3 benchmarks/dp_ab.py --model dummy:llama-8b --out benchmarks/results/dp
+    python3 benchmarks/dp_ab.py --quick --out /tmp/dp-smoke      # a smoke test
+
+Variants, one server each per repeat, in A B C D D C B A order:
+
+- ``stock``: vLLM's scheduler, vLLM's balancing (lowest load, rotating ties);
+- ``asyncbatch``: ``--scheduler-cls asyncbatch.Scheduler``, ``dp_routing`` "auto"
+  (prefix routing on);
+- ``asyncbatch-norouting``: the same scheduler with ``dp_routing`` "off";
+- ``hash-header``: stock server; the client sends ``X-data-parallel-rank:
+  hash(prefix) % N`` (perfect affinity, no load bound: the upper bound on
+  affinity, not a balancer).
+
+Each server serves, after a short warm-up, each workload at each rate with the
+prefix cache emptied before every run:
+
+- ``prefix``: ``--groups`` groups x ``--members`` requests, each group sharing a
+  ``--prefix-len``-token prefix (2048), ``--suffix-len`` own tokens, interleaved
+  arrival (shuffled), at every ``--rates`` entry (``inf``: all at once =
+  saturation);
+- ``random``: as many independent prompts of the same length, at the rates in
+  ``--random-rates``;
+- ``hot``: one group is half the requests, the rest spread over ``--groups``
+  groups, at ``--hot-rates``.
+
+Each run records the client's view (throughput, TTFT and end-to-end latency
+p50/p99 from streamed ``/v1/completions``) and each engine's view from the
+server's Prometheus ``/metrics`` (``engine="0"``/``"1"``): requests finished,
+prompt tokens, prefix-cache queries and hits (tokens), generated tokens,
+preemptions, and the time-averaged running + waiting requests sampled every
+``--sample-s``.  ``results.json``, ``summary.md`` and ``summary.png`` go to ``--out``.
+
+The asyncbatch variants need asyncbatch's ``vllm.general_plugins`` entry point in
+the server's Python (that is what installs the routing hook in the API server);
+when asyncbatch is only on ``PYTHONPATH`` (not pip-installed), the driver puts an
+entry-point record for it on the servers' ``PYTHONPATH``.  Each asyncbatch server's
+log must say that routing is on (``asyncbatch``) or off (``-norouting``), else the
+run stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "plugin") not in sys.path:
+    sys.path.insert(0, str(ROOT / "plugin"))
+
+from asyncbatch.bench import procs  # noqa: E402
+from asyncbatch.bench.models import ModelSpec, resolve_model  # noqa: E402
+from asyncbatch.bench.offline import BenchError  # noqa: E402
+from asyncbatch.bench.online import (  # noqa: E402
+    HOST,
+    VLLM_CLI,
+    free_port,
+    reset_prefix_cache,
+    running_server,
+)
+from asyncbatch.bench.stats import abba_order  # noqa: E402
+
+VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
+BASELINE = "stock"
+ROUTING_ON = "data-parallel prefix routing on"
+ROUTING_OFF = "data-parallel prefix routing off"
+# Prometheus counters read per engine, before and after every run
+COUNTERS = {
+    "vllm:request_success_total": "requests",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:num_preemptions_total": "preemptions",
+}
+GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
+
+
+# ------------------------------------------------------------------ workloads
+
+@dataclass(frozen=True)
+class Req:
+    prompt: list[int]
+    max_tokens: int
+    group: int  # -1: no group
+
+
+@dataclass(frozen=True)
+class Shape:
+    groups: int = 64
+    members: int = 8
+    prefix_len: int = 2048
+    suffix_len: int = 128
+    output_len: int = 128
+    seed: int = 0
+    vocab: int = 32000
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(2, vocab) for _ in range(n)]
+
+
+def prefix_workload(s: Shape) -> list[Req]:
+    rng = random.Random(s.seed)
+    out = []
+    for g in range(s.groups):
+        prefix = _tokens(rng, s.prefix_len, s.vocab)
+        out += [Req(prefix + _tokens(rng, s.suffix_len, s.vocab), s.output_len, g)
+                for _ in range(s.members)]
+    rng.shuffle(out)
+    return out
+
+
+def random_workload(s: Shape) -> list[Req]:
+    rng = random.Random(s.seed + 1)
+    n = s.groups * s.members
+    return [Req(_tokens(rng, s.prefix_len + s.suffix_len, s.vocab), s.output_len, -1)
+            for _ in range(n)]
+
+
+def hot_workload(s: Shape, hot_share: float = 0.5) -> list[Req]:
+    """``groups * members`` requests: ``hot_share`` of them share one prefix, the
+    rest are spread evenly over ``groups`` other prefixes; shuffled."""
+    rng = random.Random(s.seed + 2)
+    n = s.groups * s.members
+    num_hot = round(n * hot_share)
+    prefixes = [_tokens(rng, s.prefix_len, s.vocab) for _ in range(s.groups + 1)]
+    groups = [0] * num_hot + [1 + i % s.groups for i in range(n - num_hot)]
+    rng.shuffle(groups)
+    return [Req(prefixes[g] + _tokens(rng, s.suffix_len, s.vocab), s.output_len, g)
+            for g in groups]
+
+
+WORKLOADS: dict[str, Callable[[Shape], list[Req]]] = {
+    "prefix": prefix_workload, "random": random_workload, "hot": hot_workload}
+
+
+def header_rank(prompt: Sequence[int], num_ranks: int, key_tokens: int = 64) -> int:
+    """The ``hash-header`` client's rank: a stable hash of the first ``key_tokens``
+    tokens, modulo the number of ranks (no load bound)."""
+    data = b"".join(t.to_bytes(4, "little") for t in prompt[:key_tokens])
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % num_ranks
+
+
+def arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from the start): Poisson at ``rate``; all at 0 for ``inf``."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+# ------------------------------------------------------------------ client
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str = ""
+
+
+async def _one(session: Any, url: str, model: str, req: Req, headers: dict[str, str],
+               timeout_s: float) -> Result:
+    import aiohttp
+
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft = None
+    out_tokens = 0
+    try:
+        async with session.post(url, json=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                return Result(False, error=f"HTTP {resp.status}: {(await resp.text())[:200]}")
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        continue
+                    msg = json.loads(data)
+                    if msg.get("choices") and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    usage = msg.get("usage")
+                    if usage:
+                        out_tokens = int(usage.get("completion_tokens") or 0)
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
+        return Result(False, error=f"{type(e).__name__}: {e}")
+    latency = time.perf_counter() - t0
+    return Result(True, ttft if ttft is not None else latency, latency,
+                  out_tokens or req.max_tokens, len(req.prompt))
+
+
+async def _drive(port: int, model: str, reqs: list[Req], rate: float, *, seed: int,
+                 rank_header: int | None, max_concurrency: int | None,
+                 timeout_s: float) -> tuple[list[Result], float]:
+    import aiohttp
+
+    url = f"http://{HOST}:{port}/v1/completions"
+    sem = asyncio.Semaphore(max_concurrency or len(reqs) or 1)
+    times = arrivals(len(reqs), rate, seed)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+
+        async def send(i: int) -> Result:
+            delay = times[i] - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            headers = {}
+            if rank_header:
+                headers["X-data-parallel-rank"] = str(header_rank(reqs[i].prompt, rank_header))
+            async with sem:
+                return await _one(session, url, model, reqs[i], headers, timeout_s)
+
+        results = await asyncio.gather(*(send(i) for i in range(len(reqs))))
+        return list(results), time.perf_counter() - start
+
+
+def run_client(port: int, model: str, reqs: list[Req], rate: float, **kw: Any
+               ) -> tuple[list[Result], float]:
+    return asyncio.run(_drive(port, model, reqs, rate, **kw))
+
+
+# ------------------------------------------------------------------ metrics
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str, names: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``{engine: {short name: value}}`` of the named series in Prometheus text,
+    summed over the other labels (``engine`` "" when a series has none).  A
+    gauge reported by several API server processes (a ``pid`` label) counts
+    once per engine: the largest."""
+    out: dict[str, dict[str, float]] = {}
+    per_pid: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) not in names:
+            continue
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        engine = labels.get("engine", "")
+        short = names[m.group(1)]
+        if "pid" in labels:
+            key = (engine, short)
+            per_pid[key] = max(per_pid.get(key, 0.0), value)
+            continue
+        out.setdefault(engine, {})
+        out[engine][short] = out[engine].get(short, 0.0) + value
+    for (engine, short), value in per_pid.items():
+        out.setdefault(engine, {})[short] = value
+    return out
+
+
+def scrape(port: int, names: dict[str, str]) -> dict[str, dict[str, float]]:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as r:
+            return parse_metrics(r.read().decode(), names)
+    except (urllib.error.URLError, OSError):
+        return {}
+
+
+class GaugeSampler:
+    """Samples running/waiting per engine every ``period_s`` in a thread."""
+
+    def __init__(self, port: int, period_s: float) -> None:
+        self.port, self.period_s = port, period_s
+        self.samples: list[dict[str, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            sample = scrape(self.port, GAUGES)
+            if sample:
+                self.samples.append(sample)
+
+    def __enter__(self) -> GaugeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def mean_load(self) -> dict[str, float]:
+        """Per engine: mean of running + waiting over the samples."""
+        sums: dict[str, float] = {}
+        for sample in self.samples:
+            for engine, values in sample.items():
+                sums[engine] = sums.get(engine, 0.0) + values.get("running", 0.0) + values.get(
+                    "waiting", 0.0)
+        return {e: v / len(self.samples) for e, v in sums.items()} if self.samples else {}
+
+
+def engine_deltas(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+                  ) -> dict[str, dict[str, float]]:
+    out = {}
+    for engine in sorted(set(before) | set(after)):
+        if engine == "":
+            continue
+        a, b = after.get(engine, {}), before.get(engine, {})
+        d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in COUNTERS.values()}
+        d["computed_prompt_tokens"] = d["prompt_tokens"] - d["prefix_cache_hits"]
+        d["computed_tokens"] = d["computed_prompt_tokens"] + d["generation_tokens"]
+        d["hit_rate"] = (d["prefix_cache_hits"] / d["prefix_cache_queries"]
+                         if d["prefix_cache_queries"] else 0.0)
+        out[engine] = d
+    return out
+
+
+def imbalance(values: Sequence[float]) -> float:
+    """max / min over engines (inf if an engine got nothing while another did)."""
+    values = list(values)
+    if not values or max(values) == 0:
+        return 1.0
+    return max(values) / min(values) if min(values) > 0 else math.inf
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_record(results: list[Result], duration: float, engines: dict[str, dict[str, float]],
+               mean_load: dict[str, float]) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    return {
+        "num_requests": len(results), "completed": len(ok),
+        "errors": [r.error for r in results if not r.ok][:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": out_tokens / duration if duration else 0.0,
+        "total_token_throughput": (in_tokens + out_tokens) / duration if duration else 0.0,
+        "ttft_p50_ms": 1000 * percentile([r.ttft for r in ok], 50),
+        "ttft_p99_ms": 1000 * percentile([r.ttft for r in ok], 99),
+        "latency_p50_ms": 1000 * percentile([r.latency for r in ok], 50),
+        "latency_p99_ms": 1000 * percentile([r.latency for r in ok], 99),
+        "engines": engines,
+        "engine_mean_load": mean_load,
+        "prefix_cache_hits": sum(e["prefix_cache_hits"] for e in engines.values()),
+        "prefix_cache_queries": sum(e["prefix_cache_queries"] for e in engines.values()),
+        "computed_prompt_tokens": sum(e["computed_prompt_tokens"] for e in engines.values()),
+        "imbalance_requests": imbalance([e["requests"] for e in engines.values()]),
+        "imbalance_computed_tokens": imbalance(
+            [e["computed_tokens"] for e in engines.values()]),
+        "imbalance_mean_load": imbalance(list(mean_load.values())),
+    }
+
+
+# ------------------------------------------------------------------ servers
+
+@dataclass
+class Config:
+    model: ModelSpec
+    out: Path
+    dp: int = 2
+    shape: Shape = field(default_factory=Shape)
+    rates: list[float] = field(default_factory=lambda: [8.0, 16.0, math.inf])
+    random_rates: list[float] = field(default_factory=lambda: [math.inf])
+    hot_rates: list[float] = field(default_factory=lambda: [16.0, math.inf])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    repeats: int = 2
+    max_concurrency: int | None = None
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    api_server_count: int | None = None
+    enforce_eager: bool = False
+    extra_serve_args: list[str] = field(default_factory=list)
+    sample_s: float = 0.5
+    health_timeout_s: float = 1200.0
+    request_timeout_s: float = 1800.0
+    warmup_requests: int = 16
+    # seconds to wait before a run (the DP coordinator's counts settle) and after
+    # it (the last engine stats reach /metrics)
+    settle_s: float = 1.0
+
+    def plan(self) -> list[tuple[str, float]]:
+        return ([("prefix", r) for r in self.rates] + [("random", r) for r in self.random_rates]
+                + [("hot", r) for r in self.hot_rates])
+
+
+def plugin_env(work_dir: Path) -> dict[str, str]:
+    """Environment of the servers: asyncbatch importable and its entry point
+    visible (an entry-point record on PYTHONPATH when asyncbatch is not installed)."""
+    from importlib import metadata
+
+    paths = [str(ROOT / "plugin")]
+    installed = any(ep.value == "asyncbatch:register"
+                    for ep in metadata.entry_points(group="vllm.general_plugins"))
+    if not installed:
+        record = work_dir / "entry-point" / "asyncbatch_dp_ab-0.0.dist-info"
+        record.mkdir(parents=True, exist_ok=True)
+        (record / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: asyncbatch-dp-ab\nVersion: 0.0\n")
+        (record / "entry_points.txt").write_text(
+            "[vllm.general_plugins]\nasyncbatch = asyncbatch:register\n")
+        paths.append(str(record.parent))
+    old = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([old] if old else [])),
+            "VLLM_NO_USAGE_STATS": "1"}
+
+
+def serve_cmd(cfg: Config, variant: str, port: int) -> list[str]:
+    cmd = [*VLLM_CLI, "serve", cfg.model.path, "--host", HOST, "--port", str(port),
+           "--tokenizer", cfg.model.path, "--load-format", cfg.model.load_format,
+           "--data-parallel-size", str(cfg.dp), "--max-num-seqs", str(cfg.max_num_seqs),
+           "--max-model-len", str(cfg.max_model_len), "--block-size", "16",
+           "--enable-prefix-caching", "--gpu-memory-utilization",
+           str(cfg.gpu_memory_utilization), "--seed", "0", "--disable-uvicorn-access-log"]
+    if cfg.api_server_count is not None:
+        cmd += ["--api-server-count", str(cfg.api_server_count)]
+    if cfg.enforce_eager:
+        cmd.append("--enforce-eager")
+    if variant.startswith("asyncbatch"):
+        routing = "off" if variant == "asyncbatch-norouting" else "auto"
+        cmd += ["--scheduler-cls", "asyncbatch.Scheduler", "--additional-config",
+                json.dumps({"asyncbatch": {"dp_routing": routing}})]
+    return cmd + cfg.extra_serve_args
+
+
+def check_routing_log(variant: str, log_path: Path) -> str:
+    """The asyncbatch servers' log says routing is on (off for -norouting)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    on, off = ROUTING_ON in text, ROUTING_OFF in text
+    if variant == "asyncbatch" and not on:
+        raise BenchError(f"{variant}: the server log {log_path} does not say "
+                         f"{ROUTING_ON!r}; is asyncbatch's vllm.general_plugins entry point "
+                         "visible to the server?")
+    if variant == "asyncbatch-norouting" and (on or not off):
+        raise BenchError(f"{variant}: the server log {log_path} should say {ROUTING_OFF!r}")
+    return "on" if on else ("off" if off else "stock")
+
+
+def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None = None,
+            env: dict[str, str] | None = None, progress: Callable[[str], None] = print
+            ) -> dict[str, Any]:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    work = cfg.out / "work"
+    work.mkdir(exist_ok=True)
+    env = env if env is not None else plugin_env(work)
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
+    warmup = random_workload(Shape(groups=1, members=cfg.warmup_requests, prefix_len=64,
+                                   suffix_len=16, output_len=8, seed=99))
+    order = abba_order(cfg.variants, cfg.repeats)
+    runs: list[dict[str, Any]] = []
+    for i, (variant, k) in enumerate(order):
+        port = free_port()
+        cmd = server_cmd(variant, port) if server_cmd else serve_cmd(cfg, variant, port)
+        log = work / f"server{i:02d}-{variant}-{k}.log"
+        progress(f"[{i + 1}/{len(order)}] starting {variant} (repeat {k + 1})")
+        t0 = time.monotonic()
+        with running_server_env(cmd, port, log, cfg.health_timeout_s, env) as startup_s:
+            if cfg.warmup_requests:
+                run_client(port, cfg.model.path, warmup, math.inf, seed=0, rank_header=None,
+                           max_concurrency=None, timeout_s=cfg.request_timeout_s)
+            routing = check_routing_log(variant, log) if server_cmd is None else "n/a"
+            for name, rate in cfg.plan():
+                reqs = workloads[name]
+                reset_prefix_cache(port)
+                time.sleep(cfg.settle_s)  # the coordinator's counts settle
+                before = scrape(port, COUNTERS)
+                with GaugeSampler(port, cfg.sample_s) as sampler:
+                    results, duration = run_client(
+                        port, cfg.model.path, reqs, rate, seed=k * 1000 + 7,
+                        rank_header=cfg.dp if variant == "hash-header" else None,
+                        max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s)
+                time.sleep(cfg.settle_s)  # the last stats reach /metrics
+                after = scrape(port, COUNTERS)
+                rec = run_record(results, duration, engine_deltas(before, after),
+                                 sampler.mean_load())
+                rec.update(variant=variant, repeat=k, order=i, workload=name, rate=rate,
+                           startup_s=startup_s, routing=routing)
+                runs.append(rec)
+                progress(f"  {variant} {name}@{rate:g}: {rec['request_throughput']:.2f} req/s, "
+                         f"TTFT p50 {rec['ttft_p50_ms']:.0f} ms, hits "
+                         f"{rec['prefix_cache_hits']:.0f}/{rec['prefix_cache_queries']:.0f}, "
+                         f"imbalance {rec['imbalance_requests']:.2f}")
+                (cfg.out / "runs-partial.json").write_text(json.dumps(runs, indent=1,
+                                                                      default=str))
+        progress(f"  server {variant} done in {time.monotonic() - t0:.0f} s")
+    result = {"config": config_record(cfg, order), "runs": runs,
+              "summary": summarize(runs, cfg.variants)}
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (cfg.out / "summary.md").write_text(summary_markdown(result))
+    with contextlib.suppress(ImportError):
+        plot(result, cfg.out / "summary.png")
+    return result
+
+
+@contextlib.contextmanager
+def running_server_env(cmd: list[str], port: int, log: Path, timeout_s: float,
+                       env: dict[str, str]) -> Any:
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with running_server(cmd, port=port, log_path=log, health_timeout_s=timeout_s) as s:
+            os.environ.clear()
+            os.environ.update(old)
+            yield s
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return str(value)
+
+
+def config_record(cfg: Config, order: list[tuple[str, int]]) -> dict[str, Any]:
+    return {"model": {**asdict(cfg.model), "load_format": cfg.model.load_format},
+            "dp": cfg.dp, "shape": asdict(cfg.shape),
+            "rates": [str(r) for r in cfg.rates],
+            "random_rates": [str(r) for r in cfg.random_rates],
+            "hot_rates": [str(r) for r in cfg.hot_rates], "variants": cfg.variants,
+            "repeats": cfg.repeats, "order": order, "max_concurrency": cfg.max_concurrency,
+            "max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
+            "api_server_count": cfg.api_server_count, "enforce_eager": cfg.enforce_eager,
+            "extra_serve_args": cfg.extra_serve_args,
+            "serve_args": {v: serve_cmd(cfg, v, 0)[len(VLLM_CLI):] for v in cfg.variants}}
+
+
+# ------------------------------------------------------------------ summary
+
+METRICS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
+           "prefix_cache_hits", "computed_prompt_tokens", "imbalance_requests",
+           "imbalance_computed_tokens", "imbalance_mean_load")
+
+
+def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    """Per (workload, rate): each variant's medians over repeats, its ratios to
+    ``stock``, and the acceptance checks."""
+    out: dict[str, Any] = {}
+    keys = sorted({(r["workload"], r["rate"]) for r in runs},
+                  key=lambda x: (list(WORKLOADS).index(x[0]), x[1]))
+    for workload, rate in keys:
+        section: dict[str, Any] = {}
+        for v in variants:
+            rs = [r for r in runs if r["workload"] == workload and r["rate"] == rate
+                  and r["variant"] == v]
+            if not rs:
+                continue
+            section[v] = {m: statistics.median(float(r[m]) for r in rs) for m in METRICS}
+            section[v]["n"] = len(rs)
+            section[v]["throughput_range"] = [min(r["request_throughput"] for r in rs),
+                                              max(r["request_throughput"] for r in rs)]
+            section[v]["per_engine_hits"] = [
+                {e: d["prefix_cache_hits"] for e, d in sorted(r["engines"].items())}
+                for r in rs]
+        base = section.get(BASELINE)
+        for s in section.values():
+            if base and base["request_throughput"]:
+                s["throughput_vs_stock"] = s["request_throughput"] / base["request_throughput"]
+        out[f"{workload}@{_rate(rate)}"] = section
+    out["checks"] = checks(out)
+    return out
+
+
+def _rate(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def checks(summary: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance checks, for the ``asyncbatch`` variant."""
+    result: dict[str, Any] = {}
+    for key, section in summary.items():
+        a = section.get("asyncbatch") if isinstance(section, dict) else None
+        if not a:
+            continue
+        if key.startswith("random@") and "throughput_vs_stock" in a:
+            result[f"{key} throughput >= 0.98x stock"] = {
+                "value": a["throughput_vs_stock"], "pass": a["throughput_vs_stock"] >= 0.98}
+        if key.startswith("hot@"):
+            worst = max(a["imbalance_requests"], a["imbalance_computed_tokens"])
+            result[f"{key} busiest engine <= 1.3x"] = {"value": worst, "pass": worst <= 1.3}
+        if key.startswith("prefix@") and "stock" in section:
+            result[f"{key} prefix-cache hits vs stock"] = {
+                "value": (a["prefix_cache_hits"] / section["stock"]["prefix_cache_hits"]
+                          if section["stock"]["prefix_cache_hits"] else math.inf),
+                "pass": a["prefix_cache_hits"] >= section["stock"]["prefix_cache_hits"]}
+    return result
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    cfg, summary = result["config"], result["summary"]
+    lines = [
+        "# Data-parallel A/B: prefix routing vs vLLM's balancing", "",
+        f"Model `{cfg['model']['path']}` ({cfg['model']['load_format']} weights), "
+        f"data-parallel size {cfg['dp']}, variants in order "
+        f"{' '.join(v for v, _ in cfg['order'])}; workload shape {cfg['shape']}.",
+        "Medians over repeats; throughput range in brackets; TTFT in ms; hits and computed "
+        "prompt tokens summed over engines; imbalance = busiest / least busy engine "
+        "(requests finished, tokens computed, mean running + waiting).", ""]
+    for key, section in summary.items():
+        if key == "checks":
+            continue
+        lines += [f"## {key}", "",
+                  "| variant | req/s | vs stock | out tok/s | TTFT p50 | TTFT p99 | hits | "
+                  "computed prompt | imbalance req / tok / load |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v, s in section.items():
+            lo, hi = s["throughput_range"]
+            lines.append(
+                f"| {v} | {s['request_throughput']:.2f} [{lo:.2f}..{hi:.2f}] | "
+                f"{s.get('throughput_vs_stock', float('nan')):.3f} | "
+                f"{s['output_throughput']:.0f} | {s['ttft_p50_ms']:.0f} | "
+                f"{s['ttft_p99_ms']:.0f} | {s['prefix_cache_hits']:.0f} | "
+                f"{s['computed_prompt_tokens']:.0f} | {s['imbalance_requests']:.2f} / "
+                f"{s['imbalance_computed_tokens']:.2f} / {s['imbalance_mean_load']:.2f} |")
+        lines.append("")
+    lines += ["## Checks (asyncbatch)", ""]
+    for name, c in summary["checks"].items():
+        lines.append(f"- {name}: {c['value']:.3f} -> {'pass' if c['pass'] else 'FAIL'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {k: v for k, v in result["summary"].items() if k != "checks"}
+    keys = list(summary)
+    variants = result["config"]["variants"]
+    panels = [("request_throughput", "requests/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+              ("ttft_p99_ms", "TTFT p99 (ms)"), ("prefix_cache_hits", "prefix-cache hit tokens"),
+              ("imbalance_requests", "busiest/least engine (requests)")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(keys)), 3 * len(panels)))
+    width = 0.8 / max(1, len(variants))
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for j, v in enumerate(variants):
+            ys = [summary[k].get(v, {}).get(metric, float("nan")) for k in keys]
+            ax.bar([i + j * width for i in range(len(keys))], ys, width, label=v)
+        ax.set_ylabel(label)
+        ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(keys))])
+        ax.set_xticklabels(keys, fontsize=8)
+        if metric == "imbalance_requests":
+            ax.axhline(1.3, color="k", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8, ncol=len(variants))
+    fig.suptitle(f"data parallel {result['config']['dp']}: "
+                 f"{Path(result['config']['model']['path']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ CLI
+
+def _rates(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dummy:llama-8b",
+                   help="dummy:SHAPE (config + tokenizer written locally, dummy weights) or "
+                        "a local model folder (default dummy:llama-8b)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/dp")
+    p.add_argument("--dp", type=int, default=2, help="--data-parallel-size (default 2)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--repeats", type=int, default=2,
+                   help="servers per variant, in alternating order (default 2: A B C D D C B A)")
+    p.add_argument("--groups", type=int, default=64)
+    p.add_argument("--members", type=int, default=8)
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--suffix-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--rates", type=_rates, default=[8.0, 16.0, math.inf],
+                   help="prefix workload request rates, req/s; inf = all at once "
+                        "(default 8,16,inf)")
+    p.add_argument("--random-rates", type=_rates, default=[math.inf])
+    p.add_argument("--hot-rates", type=_rates, default=[16.0, math.inf])
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--api-server-count", type=int, default=None,
+                   help="vLLM's default: one per data-parallel rank")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--serve-arg", action="append", default=[],
+                   help="extra vllm serve argument (repeatable), e.g. "
+                        "--serve-arg=--kv-cache-dtype=fp8")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny model shape, 4 groups x 4 members of 256-token "
+                        "prefixes, one rate and saturation, one server per variant, eager")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    if args.quick:
+        model = resolve_model("dummy:tiny" if args.model == "dummy:llama-8b" else args.model)
+        shape = Shape(groups=4, members=4, prefix_len=256, suffix_len=32, output_len=16,
+                      vocab=1000)
+        return Config(model=model, out=args.out, dp=args.dp, shape=shape, rates=[8.0, math.inf],
+                      random_rates=[math.inf], hot_rates=[math.inf],
+                      variants=args.variants.split(","), repeats=1, max_num_seqs=64,
+                      max_model_len=1024, gpu_memory_utilization=0.3,
+                      api_server_count=args.api_server_count, enforce_eager=True,
+                      extra_serve_args=args.serve_arg, warmup_requests=4)
+    model = resolve_model(args.model)
+    vocab = 1000 if model.shape == "tiny" else 32000
+    shape = Shape(groups=args.groups, members=args.members, prefix_len=args.prefix_len,
+                  suffix_len=args.suffix_len, output_len=args.output_len, vocab=vocab)
+    return Config(model=model, out=args.out, dp=args.dp, shape=shape, rates=args.rates,
+                  random_rates=args.random_rates, hot_rates=args.hot_rates,
+                  variants=args.variants.split(","), repeats=args.repeats,
+                  max_concurrency=args.max_concurrency, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  api_server_count=args.api_server_count, enforce_eager=args.enforce_eager,
+                  extra_serve_args=args.serve_arg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    with procs.sigterm_raises():
+        try:
+            result = run_all(cfg)
+        except BenchError as e:
+            print(f"dp_ab: {e}", file=sys.stderr)
+            return 1
+    print((cfg.out / "summary.md").read_text())
+    failed = [k for k, c in result["summary"]["checks"].items() if not c["pass"]]
+    print(f"results: {cfg.out / 'results.json'}; {len(failed)} check(s) failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

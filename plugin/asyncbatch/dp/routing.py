@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Which data-parallel rank serves a request: rendezvous hashing with bounded loads.
+
+Pure Python (hashlib only): no vLLM, no torch, no state.  Every decision is a
+function of the request's key and the load view it is given, so several API
+servers (``--api-server-count``) that see the same loads choose the same rank
+without talking to each other, and the choice does not depend on
+``PYTHONHASHSEED`` (Python's ``hash`` is never used; vLLM 0.26's own block-hash
+root is random per process, so its block hashes cannot serve as a key either).
+
+**Key** (`prefix_key`): a 128-bit BLAKE2b digest of the first whole KV blocks of
+the prompt, at most ``prefix_tokens`` tokens, together with everything vLLM's
+prefix cache keys a block on besides its tokens: the ``cache_salt``, the LoRA
+adapter, and the identifiers of multimodal items that start inside the keyed
+tokens.  Two prompts that share their first ``prefix_tokens`` tokens (and salt
+and adapter) get the same key; so do prompts shorter than that which share all
+their whole blocks.  A prompt shorter than one block has no key (the caller
+falls back to plain load balancing).
+
+**Order** (`hrw_order`): the ranks sorted by the weight ``BLAKE2b(key, rank)``,
+highest first (rendezvous or highest-random-weight hashing).  Every key has its
+own pseudo-random order of the ranks, so keys spread evenly, and a rank that
+goes away moves only the keys that ranked it first (to their second choice);
+no other key moves.
+
+**Bound** (`rank_for`): the first rank in that order whose load after taking the
+request stays within ``ceil((1 + eps) * mean)``, the mean taken after adding the
+request (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam,
+SODA 2018).  A hot prefix fills its first rank up to the bound and overflows to
+its second choice, then its third, so no rank carries more than ``1 + eps``
+times the mean plus one request; keys whose first rank is under the bound are
+not moved.  With integer loads some rank always satisfies the bound; should
+none (fractional loads), the least loaded rank takes the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_LOAD_BOUND", "DEFAULT_PREFIX_TOKENS", "KEY_SIZE", "hrw_order", "key_length",
+    "load_cap", "prefix_key", "rank_for",
+]
+
+# Default ``eps`` of the load bound.  With two ranks the busier holds at most
+# (1 + eps) / (1 - eps) = 1.22x the load of the other (plus one request); a
+# group whose first rank is full overflows to its second choice, which then
+# holds the prefix too, so a tight bound costs one extra prefill per overflowing
+# group, not one per request.
+DEFAULT_LOAD_BOUND = 0.1
+# Default key length in tokens: 4 KV blocks of 16.  Long enough to pass the
+# chat-template header (about 25-40 tokens for Llama 3 or Qwen 2.5) and reach
+# the text that tells conversations apart, short enough that consecutive turns
+# of a conversation (whose first turn is usually longer than this) and prompts
+# sharing a long prefix map to the same key.
+DEFAULT_PREFIX_TOKENS = 64
+KEY_SIZE = 16
+_KEY_DOMAIN = b"asyncbatch.dp.key.v1"
+_LITTLE = sys.byteorder == "little"
+
+
+def key_length(num_tokens: int, block_size: int, prefix_tokens: int) -> int:
+    """Tokens the key covers: the prompt's whole blocks, at most
+    ``prefix_tokens`` rounded down to whole blocks (and at least one block);
+    0 for a prompt shorter than one block."""
+    if block_size < 1 or prefix_tokens < 1:
+        raise ValueError(f"block_size and prefix_tokens must be >= 1, got {block_size}, "
+                         f"{prefix_tokens}")
+    max_blocks = max(1, prefix_tokens // block_size)
+    return min(num_tokens // block_size, max_blocks) * block_size
+
+
+def _field(h: Any, value: bytes) -> None:
+    h.update(len(value).to_bytes(8, "little"))
+    h.update(value)
+
+
+def prefix_key(token_ids: Sequence[int], *, block_size: int = 16,
+               prefix_tokens: int = DEFAULT_PREFIX_TOKENS, cache_salt: str | None = None,
+               lora_name: str | None = None, extra: Iterable[str] = ()) -> bytes | None:
+    """The routing key of a prompt (`KEY_SIZE` bytes), or None when the prompt is
+    shorter than one block.
+
+    Args:
+        token_ids: the prompt's token ids.
+        block_size: KV block size in tokens; the key covers whole blocks.
+        prefix_tokens: most tokens the key covers (see `key_length`).
+        cache_salt: vLLM's ``cache_salt``: prompts with different salts never
+            share cached blocks, so they get different keys.
+        lora_name: the LoRA adapter's name (blocks are cached per adapter).
+        extra: further strings that identify what the keyed tokens stand for
+            (multimodal item identifiers).
+    """
+    n = key_length(len(token_ids), block_size, prefix_tokens)
+    if n == 0:
+        return None
+    tokens = array("q", token_ids[:n])
+    if not _LITTLE:
+        tokens.byteswap()
+    h = hashlib.blake2b(digest_size=KEY_SIZE, person=b"asyncbatch-dp")
+    h.update(_KEY_DOMAIN)
+    _field(h, b"" if cache_salt is None else b"s" + cache_salt.encode())
+    _field(h, b"" if lora_name is None else b"l" + lora_name.encode())
+    for item in extra:
+        _field(h, b"m" + item.encode())
+    _field(h, tokens.tobytes())
+    return h.digest()
+
+
+def _weight(key: bytes, rank: int) -> int:
+    digest = hashlib.blake2b(rank.to_bytes(8, "little", signed=True), digest_size=8,
+                             key=key[:64]).digest()
+    return int.from_bytes(digest, "little")
+
+
+def hrw_order(key: bytes, ranks: Iterable[int]) -> list[int]:
+    """``ranks`` in the key's rendezvous order, most preferred first (ties, which
+    need a 64-bit collision, by rank)."""
+    return sorted(ranks, key=lambda r: (-_weight(key, r), r))
+
+
+def load_cap(total: float, num_ranks: int, eps: float, cost: float = 1.0) -> float:
+    """Most load a rank may hold after taking a request: ``ceil((1 + eps) *
+    (total + cost) / num_ranks)``."""
+    return float(math.ceil((1.0 + eps) * (total + cost) / num_ranks))
+
+
+def _as_mapping(loads: Sequence[float] | Mapping[int, float]) -> Mapping[int, float]:
+    if isinstance(loads, Mapping):
+        return loads
+    return dict(enumerate(loads))
+
+
+def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
+             eps: float = DEFAULT_LOAD_BOUND, *, cost: float = 1.0,
+             explicit: int | None = None) -> int:
+    """The rank that serves a request.
+
+    Args:
+        key: the request's `prefix_key`; None (no key) picks the least loaded
+            rank, ties to the lowest rank.
+        loads: each available rank's load, as a sequence (ranks ``0..n-1``) or a
+            mapping from rank to load (the ranks present; a rank that went away
+            is simply absent).  Negative loads count as 0.
+        eps: the load bound (``>= 0``); ``math.inf`` routes by key alone.
+        cost: the load one request adds.
+        explicit: a rank the request names (``data_parallel_rank``); it wins.
+
+    Raises:
+        ValueError: no ranks, or a negative ``eps``.
+    """
+    if explicit is not None:
+        return explicit
+    view = _as_mapping(loads)
+    if not view:
+        raise ValueError("no data-parallel ranks to route to")
+    if eps < 0:
+        raise ValueError(f"the load bound eps must be >= 0, got {eps}")
+    current = {r: max(0.0, float(v)) for r, v in view.items()}
+    if key is None:
+        return min(current, key=lambda r: (current[r], r))
+    order = hrw_order(key, current)
+    if len(order) == 1 or math.isinf(eps):
+        return order[0]
+    cap = load_cap(sum(current.values()), len(order), eps, cost)
+    for rank in order:
+        if current[rank] + cost <= cap:
+            return rank
+    position = {r: i for i, r in enumerate(order)}
+    return min(order, key=lambda r: (current[r], position[r]))

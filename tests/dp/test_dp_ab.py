@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""benchmarks/dp_ab.py without a GPU: its workloads, metrics parsing, server
+command lines, and a whole A/B against a fake two-engine server."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = Path(__file__).with_name("fake_dp_server.py")
+
+
+@pytest.fixture(scope="module")
+def dp_ab():
+    spec = importlib.util.spec_from_file_location("dp_ab", ROOT / "benchmarks/dp_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dp_ab"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("dp_ab", None)
+
+
+def test_workloads(dp_ab):
+    shape = dp_ab.Shape(groups=8, members=4, prefix_len=64, suffix_len=8, output_len=4)
+    prefix = dp_ab.prefix_workload(shape)
+    assert len(prefix) == 32 and Counter(r.group for r in prefix) == dict.fromkeys(range(8), 4)
+    assert [r.group for r in prefix] != sorted(r.group for r in prefix)  # interleaved
+    by_group = {}
+    for r in prefix:
+        by_group.setdefault(r.group, set()).add(tuple(r.prompt[:64]))
+    assert all(len(s) == 1 for s in by_group.values())
+    hot = dp_ab.hot_workload(shape)
+    assert Counter(r.group for r in hot)[0] == 16
+    rnd = dp_ab.random_workload(shape)
+    assert len({tuple(r.prompt[:16]) for r in rnd}) == 32
+    assert all(len(r.prompt) == 72 for r in rnd + hot + prefix)
+    assert dp_ab.prefix_workload(shape) == prefix  # a pure function of the shape
+
+
+def test_arrivals_and_header_rank(dp_ab):
+    assert dp_ab.arrivals(3, math.inf, 0) == [0.0, 0.0, 0.0]
+    times = dp_ab.arrivals(2000, 10.0, 1)
+    assert times == sorted(times) and 180 < times[-1] < 220
+    prompt = list(range(2, 300))
+    assert dp_ab.header_rank(prompt, 2) == dp_ab.header_rank(prompt[:64] + [5], 2)
+    ranks = Counter(dp_ab.header_rank([i, i + 1] * 40, 2) for i in range(1000))
+    assert 400 < ranks[0] < 600
+
+
+def test_parse_metrics(dp_ab):
+    text = "\n".join([
+        "# HELP vllm:prefix_cache_hits_total hits",
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 10.0',
+        'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 3.0',
+        'vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 2.0',
+        'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 5.0',
+        'vllm:num_requests_running{engine="1",model_name="m",pid="11"} 4.0',
+        'vllm:num_requests_running{engine="1",model_name="m",pid="12"} 6.0',
+        'vllm:other_total{engine="0"} 99.0'])
+    names = {**dp_ab.COUNTERS, **dp_ab.GAUGES}
+    parsed = dp_ab.parse_metrics(text, names)
+    assert parsed["0"] == {"prefix_cache_hits": 10.0, "requests": 7.0}
+    assert parsed["1"] == {"prefix_cache_hits": 3.0, "running": 6.0}
+    deltas = dp_ab.engine_deltas({"0": {"prefix_cache_hits": 4.0}}, parsed)
+    assert deltas["0"]["prefix_cache_hits"] == 6.0 and deltas["1"]["requests"] == 0.0
+    assert dp_ab.imbalance([3, 6]) == 2.0 and dp_ab.imbalance([0, 0]) == 1.0
+    assert dp_ab.imbalance([0, 2]) == math.inf
+
+
+def test_serve_commands(dp_ab, tmp_path):
+    from asyncbatch.bench.models import ModelSpec
+
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), "tiny", True), out=tmp_path)
+    stock = dp_ab.serve_cmd(cfg, "stock", 8000)
+    assert "--data-parallel-size" in stock and "--scheduler-cls" not in stock
+    assert stock[stock.index("--load-format") + 1] == "dummy"
+    assert dp_ab.serve_cmd(cfg, "hash-header", 8000) == stock
+    routed = dp_ab.serve_cmd(cfg, "asyncbatch", 8000)
+    assert routed[routed.index("--scheduler-cls") + 1] == "asyncbatch.Scheduler"
+    assert json.loads(routed[routed.index("--additional-config") + 1]) == {
+        "asyncbatch": {"dp_routing": "auto"}}
+    off = dp_ab.serve_cmd(cfg, "asyncbatch-norouting", 8000)
+    assert json.loads(off[off.index("--additional-config") + 1]) == {
+        "asyncbatch": {"dp_routing": "off"}}
+
+
+def test_routing_log_check(dp_ab, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO asyncbatch: data-parallel prefix routing on over 2 engines (...)\n")
+    assert dp_ab.check_routing_log("asyncbatch", log) == "on"
+    with pytest.raises(dp_ab.BenchError):
+        dp_ab.check_routing_log("asyncbatch-norouting", log)
+    log.write_text("INFO asyncbatch: data-parallel prefix routing off (dp_routing is off)\n")
+    assert dp_ab.check_routing_log("asyncbatch-norouting", log) == "off"
+    with pytest.raises(dp_ab.BenchError, match="entry point"):
+        dp_ab.check_routing_log("asyncbatch", log)
+
+
+def test_entry_point_record_makes_register_visible(dp_ab, tmp_path):
+    env = dp_ab.plugin_env(tmp_path)
+    code = ("from importlib import metadata; print(sorted(ep.value for ep in "
+            "metadata.entry_points(group='vllm.general_plugins')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "asyncbatch:register" in out
+    assert str(ROOT / "plugin") in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_a_whole_ab_against_a_fake_server(dp_ab, tmp_path):
+    from asyncbatch.bench.models import ModelSpec
+
+    shape = dp_ab.Shape(groups=6, members=4, prefix_len=80, suffix_len=8, output_len=3)
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out",
+                       shape=shape, rates=[200.0, math.inf], random_rates=[math.inf],
+                       hot_rates=[math.inf], variants=["stock", "hash-header"], repeats=2,
+                       sample_s=0.05, health_timeout_s=60, warmup_requests=2,
+                       settle_s=0.2)
+    messages = []
+    result = dp_ab.run_all(cfg, server_cmd=lambda variant, port: [sys.executable, str(FAKE),
+                                                                   str(port)],
+                           env=dict(os.environ), progress=messages.append)
+    out = tmp_path / "out"
+    assert (out / "results.json").is_file() and (out / "summary.md").is_file()
+    assert (out / "summary.png").stat().st_size > 1000
+    saved = json.loads((out / "results.json").read_text())
+    assert [tuple(x) for x in saved["config"]["order"]] == [
+        ("stock", 0), ("hash-header", 0), ("hash-header", 1), ("stock", 1)]
+    runs = result["runs"]
+    assert len(runs) == 4 * 4 and all(r["completed"] == r["num_requests"] == 24 for r in runs)
+    for r in runs:
+        reqs = {e: d["requests"] for e, d in r["engines"].items()}
+        assert sum(reqs.values()) == 24 and set(reqs) == {"0", "1"}
+        if r["variant"] == "stock":  # the fake server's round robin
+            assert reqs == {"0": 12, "1": 12}
+    # the hash-header client sends each group to one engine: every prefix is
+    # computed once, so it hits more than round robin does
+    summary = result["summary"]
+    prefix = summary["prefix@inf"]
+    assert prefix["hash-header"]["prefix_cache_hits"] > prefix["stock"]["prefix_cache_hits"]
+    assert prefix["stock"]["throughput_vs_stock"] == 1.0
+    assert all(r["ttft_p50_ms"] > 0 for r in runs)
+    assert "## prefix@200" in (out / "summary.md").read_text()
+    assert any("starting hash-header" in m for m in messages)

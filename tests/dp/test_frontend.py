@@ -1,0 +1,294 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The front-end hook on vLLM's real data-parallel client class
+(``DPLBAsyncMPClient``), built without engines: the attributes its
+``get_core_engine_for_request`` reads, fake engine stats in ``lb_engines`` (as
+the DP coordinator's updates set them), real ``EngineCoreRequest`` objects."""
+
+import asyncio
+import inspect
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+import asyncbatch
+from asyncbatch.dp import frontend
+from asyncbatch.dp.routing import hrw_order, prefix_key
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def core_client():
+    if os.environ.get("ASYNCBATCH_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vLLM is not installed")
+    from asyncbatch.sim.engine import use_cpu_platform
+
+    use_cpu_platform()
+    import vllm.v1.engine.core_client as module
+
+    return module
+
+
+@pytest.fixture
+def hooked(core_client, monkeypatch):
+    """The hook installed by the code ``register()`` runs; removed afterwards."""
+    monkeypatch.setattr(asyncbatch, "_registered", False)
+    asyncbatch.register()
+    cls = core_client.DPLBAsyncMPClient
+    assert frontend.ORIGINAL_ATTR in cls.__dict__
+    yield core_client
+    frontend.unpatch_module(core_client)
+    assert frontend.ORIGINAL_ATTR not in cls.__dict__
+
+
+def stock_method(module):
+    cls = module.DPLBAsyncMPClient
+    return cls.__dict__.get(frontend.ORIGINAL_ATTR, cls.__dict__["get_core_engine_for_request"])
+
+
+def lb_width(module) -> int:
+    """[waiting, running] (<= 0.32) or [waiting, running, kv_cache_usage] (0.33)."""
+    return 3 if "kv_cache_usage" in inspect.getsource(stock_method(module)) else 2
+
+
+def make_config(settings=None, scheduler_cls="asyncbatch.Scheduler", dp=2):
+    from vllm.config import VllmConfig
+
+    config = VllmConfig(additional_config={"asyncbatch": settings or {}})
+    config.scheduler_config.scheduler_cls = scheduler_cls
+    config.cache_config.block_size = BLOCK
+    config.parallel_config.data_parallel_size = dp
+    return config
+
+
+def make_client(module, n=2, *, settings=None, scheduler_cls="asyncbatch.Scheduler",
+                client_count=1, client_index=0, config=None):
+    client = object.__new__(module.DPLBAsyncMPClient)
+    client.vllm_config = config or make_config(settings, scheduler_cls, n)
+    client.core_engines = [i.to_bytes(2, "little") for i in range(n)]
+    width = lb_width(module)
+    client.lb_engines = [[0, 0, 0.0][:width] for _ in range(n)]
+    client.client_count = client_count
+    client.client_index = client_index
+    client.eng_start_index = (n * client_index) // client_count
+    client.reqs_in_flight = {}
+    # 0.33's bookkeeping (unused on 0.26)
+    client.streaming_reqs = set()
+    client.engine_inflight = Counter()
+    return client
+
+
+def make_request(rid, tokens, *, rank=None, salt=None, pooling=False):
+    from vllm import PoolingParams, SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    return EngineCoreRequest(
+        request_id=rid, prompt_token_ids=list(tokens), mm_features=None,
+        sampling_params=None if pooling else SamplingParams(max_tokens=8),
+        pooling_params=PoolingParams() if pooling else None, arrival_time=0.0,
+        lora_request=None, cache_salt=salt, data_parallel_rank=rank)
+
+
+def group_prompts(num_groups, members, prefix_len=2048, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for g in range(num_groups):
+        prefix = [rng.randrange(2, 30000) for _ in range(prefix_len)]
+        for m in range(members):
+            out.append((g, m, prefix + [rng.randrange(2, 30000) for _ in range(40)]))
+    rng.shuffle(out)
+    return out
+
+
+def rank_of(client, engine):
+    return client.core_engines.index(engine)
+
+
+def coordinator_update(client, counts):
+    """What the stats task does when the coordinator publishes: rebinds lb_engines."""
+    width = len(client.lb_engines[0])
+    client.lb_engines = [list(c)[:width] + [0.0] * (width - len(c)) for c in counts]
+
+
+def test_groups_stay_together_with_balanced_stats(hooked):
+    client = make_client(hooked, 2)
+    placed: dict[int, set[int]] = {}
+    per_engine = Counter()
+    for i, (g, _, tokens) in enumerate(group_prompts(12, 6)):
+        if i % 8 == 0:  # coordinator: both engines equally busy
+            coordinator_update(client, [[1, 10], [1, 10]])
+        req = make_request(f"r{i}", tokens)
+        engine = client.get_core_engine_for_request(req)
+        rank = rank_of(client, engine)
+        placed.setdefault(g, set()).add(rank)
+        per_engine[rank] += 1
+        assert req.data_parallel_rank is None  # the request is sent as it came
+        assert client.reqs_in_flight[f"r{i}"] == engine  # vLLM's abort routing
+    together = sum(len(r) == 1 for r in placed.values())
+    assert together >= 10, placed  # most groups on one engine
+    assert per_engine[0] > 0 and per_engine[1] > 0
+
+
+def test_local_load_view_is_bumped_as_vllm_does(hooked):
+    client = make_client(hooked, 2, client_count=3)
+    tokens = list(range(2, 200))
+    expected = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
+    engine = client.get_core_engine_for_request(make_request("a", tokens))
+    assert rank_of(client, engine) == expected
+    assert client.lb_engines[expected][0] == 3  # + client_count waiting
+    assert client.lb_engines[1 - expected][0] == 0
+    if lb_width(hooked) == 3:
+        assert client.engine_inflight[engine] == 1
+        asyncio.run(hooked.DPLBAsyncMPClient.process_engine_outputs(
+            client, type("Out", (), {"finished_requests": {"a"}})()))
+        assert client.engine_inflight[engine] == 0
+
+
+def test_the_bound_sends_a_group_to_its_second_choice(hooked):
+    client = make_client(hooked, 2)
+    tokens = list(range(2, 300))
+    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
+    counts = [[0, 0], [0, 0]]
+    counts[first] = [40, 60]  # its first choice is far busier
+    coordinator_update(client, counts)
+    engine = client.get_core_engine_for_request(make_request("x", tokens))
+    assert rank_of(client, engine) == 1 - first
+
+
+def test_an_explicit_rank_wins(hooked):
+    client = make_client(hooked, 2)
+    for i, (_, _, tokens) in enumerate(group_prompts(4, 2)):
+        for rank in (0, 1):
+            req = make_request(f"r{i}-{rank}", tokens, rank=rank)
+            assert rank_of(client, client.get_core_engine_for_request(req)) == rank
+            assert req.data_parallel_rank == rank
+    # vLLM does not count named-rank requests in its local load view
+    assert [c[0] for c in client.lb_engines] == [0, 0]
+
+
+def stock_choices(module, client, requests, updates):
+    out = []
+    for i, req in enumerate(requests):
+        if i in updates:
+            coordinator_update(client, updates[i])
+        out.append(rank_of(client, stock_method(module)(client, req)))
+    return out
+
+
+def hooked_choices(client, requests, updates):
+    out = []
+    for i, req in enumerate(requests):
+        if i in updates:
+            coordinator_update(client, updates[i])
+        out.append(rank_of(client, client.get_core_engine_for_request(req)))
+    return out
+
+
+@pytest.mark.parametrize("settings, scheduler_cls, routed", [
+    ({"dp_routing": "off"}, "asyncbatch.Scheduler", False),
+    ({}, None, False),  # auto, stock scheduler
+    ({"dp_routing": "prefix"}, None, True),
+    ({}, "asyncbatch.Scheduler", True),  # auto, asyncbatch scheduler
+])
+def test_the_setting_decides(hooked, settings, scheduler_cls, routed):
+    prompts = group_prompts(6, 5, seed=3)
+    updates = {0: [[0, 3], [0, 3]], 10: [[2, 5], [1, 6]], 20: [[0, 1], [0, 1]]}
+    reqs = [make_request(f"r{i}", t) for i, (_, _, t) in enumerate(prompts)]
+    stock = stock_choices(hooked, make_client(hooked, 2), reqs, updates)
+    client = make_client(hooked, 2, settings=settings, scheduler_cls=scheduler_cls)
+    got = hooked_choices(client, [make_request(f"r{i}", t) for i, (_, _, t) in
+                                  enumerate(prompts)], updates)
+    assert (frontend.ROUTER_ATTR in client.__dict__
+            and (client.__dict__[frontend.ROUTER_ATTR] is not None) == routed)
+    if not routed:
+        assert got == stock
+    else:
+        groups = {}
+        for (g, _, _), r in zip(prompts, got, strict=True):
+            groups.setdefault(g, set()).add(r)
+        assert got != stock and sum(len(s) == 1 for s in groups.values()) >= 5
+
+
+def test_short_prompts_and_pooling_requests_go_to_vllm(hooked):
+    client = make_client(hooked, 2)
+    twin = make_client(hooked, 2)
+    reqs = [make_request("short", range(2, 2 + BLOCK - 1)),
+            make_request("pool", range(2, 300), pooling=True)]
+    twins = [make_request("short", range(2, 2 + BLOCK - 1)),
+             make_request("pool", range(2, 300), pooling=True)]
+    for a, b in zip(reqs, twins, strict=True):
+        assert (rank_of(client, client.get_core_engine_for_request(a))
+                == rank_of(twin, stock_method(hooked)(twin, b)))
+    assert client.eng_start_index == twin.eng_start_index  # vLLM rotated its scan start
+
+
+def test_api_servers_agree_without_talking(hooked):
+    a = make_client(hooked, 4, client_count=2, client_index=0)
+    b = make_client(hooked, 4, client_count=2, client_index=1)
+    for i, (_, _, tokens) in enumerate(group_prompts(10, 1)):
+        coordinator_update(a, [[0, 5]] * 4)
+        coordinator_update(b, [[0, 5]] * 4)
+        ea = a.get_core_engine_for_request(make_request(f"a{i}", tokens))
+        eb = b.get_core_engine_for_request(make_request(f"b{i}", tokens))
+        assert rank_of(a, ea) == rank_of(b, eb)
+
+
+def test_engines_that_go_away(hooked):
+    client = make_client(hooked, 4)
+    prompts = group_prompts(40, 1, seed=5)
+
+    def route_all(tag, n):
+        out = []
+        for i, (_, _, t) in enumerate(prompts):
+            # equally loaded engines, earlier requests finished: the key decides
+            coordinator_update(client, [[0, 2]] * n)
+            client.engine_inflight.clear()
+            out.append(rank_of(client, client.get_core_engine_for_request(
+                make_request(f"{tag}{i}", t))))
+        return out
+
+    before = route_all("a", 4)
+    # scale down to 3 engines, as vLLM's elastic scaling slices its lists
+    client.core_engines = client.core_engines[:3]
+    after = route_all("b", 3)
+    assert 3 in before
+    for (_, _, t), a, b in zip(prompts, before, after, strict=True):
+        if a != 3:
+            assert b == a  # only the keys of the engine that went away move
+        else:
+            assert b == hrw_order(prefix_key(t, block_size=BLOCK), range(4))[1]
+
+
+def test_salts_separate_tenants(hooked):
+    client = make_client(hooked, 8)
+    tokens = list(range(2, 400))
+    ranks = {rank_of(client, client.get_core_engine_for_request(
+        make_request(f"s{i}", tokens, salt=f"tenant{i}"))) for i in range(16)}
+    assert len(ranks) > 1
+
+
+def test_register_installs_without_importing_vllm():
+    """In a fresh process: register() imports neither torch nor vLLM's client; the
+    client class is wrapped when vLLM imports it."""
+    code = (
+        "import sys, asyncbatch; asyncbatch.register();"
+        "assert 'torch' not in sys.modules, 'torch imported';"
+        "assert 'vllm.v1.engine.core_client' not in sys.modules;"
+        "from asyncbatch.sim.engine import use_cpu_platform; use_cpu_platform();"
+        "import vllm.v1.engine.core_client as m;"
+        "c = m.DPLBAsyncMPClient;"
+        "assert '_asyncbatch_original_get_core_engine_for_request' in c.__dict__;"
+        "assert c.get_core_engine_for_request.__name__ == 'get_core_engine_for_request';"
+        "import inspect; inspect.getsource(m);"
+        "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

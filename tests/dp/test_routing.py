@@ -1,0 +1,249 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Properties of the data-parallel routing function (asyncbatch.dp.routing)."""
+
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncbatch.dp.routing import (
+    DEFAULT_LOAD_BOUND,
+    hrw_order,
+    key_length,
+    load_cap,
+    prefix_key,
+    rank_for,
+)
+
+
+def key_of(i: int) -> bytes:
+    key = prefix_key([i % 30000 + 2, i // 30000 + 2] + [7] * 14)
+    assert key is not None
+    return key
+
+
+keys = st.integers(0, 10**9).map(key_of)
+ranks = st.integers(1, 16)
+eps_values = st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.5, 1.0])
+
+
+# ------------------------------------------------------------------ the key
+
+def test_same_prefix_same_key_different_suffix():
+    prefix = list(range(100, 100 + 2048))
+    a = prefix_key(prefix + [1, 2, 3], block_size=16, prefix_tokens=64)
+    b = prefix_key(prefix + [9] * 200, block_size=16, prefix_tokens=64)
+    assert a is not None and a == b
+
+
+def test_key_covers_whole_blocks_up_to_prefix_tokens():
+    assert key_length(15, 16, 64) == 0
+    assert key_length(16, 16, 64) == 16
+    assert key_length(47, 16, 64) == 32
+    assert key_length(5000, 16, 64) == 64
+    assert key_length(5000, 16, 70) == 64  # rounded down to whole blocks
+    assert key_length(5000, 16, 8) == 16  # at least one block
+    assert prefix_key(list(range(15)), block_size=16) is None
+    base = list(range(2, 80))
+    # a token inside the keyed range changes the key, one past it does not
+    changed_in = base[:63] + [99999] + base[64:]
+    changed_out = base[:64] + [99999] + base[65:]
+    assert prefix_key(changed_in) != prefix_key(base)
+    assert prefix_key(changed_out) == prefix_key(base)
+
+
+def test_salt_lora_and_multimodal_items_separate_keys():
+    tokens = list(range(2, 200))
+    plain = prefix_key(tokens)
+    variants = [prefix_key(tokens, cache_salt="tenant-a"), prefix_key(tokens, cache_salt="b"),
+                prefix_key(tokens, lora_name="adapter"), prefix_key(tokens, extra=["img1"]),
+                prefix_key(tokens, extra=["img2"]), prefix_key(tokens, cache_salt="",)]
+    assert len({plain, *variants}) == len(variants) + 1
+    # salt and adapter name are not confused with one another
+    assert prefix_key(tokens, cache_salt="x") != prefix_key(tokens, lora_name="x")
+
+
+def test_key_does_not_depend_on_the_hash_seed():
+    code = ("from asyncbatch.dp.routing import prefix_key, hrw_order;"
+            " k = prefix_key(list(range(2, 300)), cache_salt='s', lora_name='l');"
+            " print(k.hex(), hrw_order(k, range(8)))")
+    outs = set()
+    for seed in ("0", "1", "random"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PYTHONHASHSEED": seed, "PYTHONPATH": ":".join(sys.path)},
+                             check=True).stdout
+        outs.add(out)
+    assert len(outs) == 1
+    key = prefix_key(list(range(2, 300)), cache_salt="s", lora_name="l")
+    assert key is not None and outs.pop().split()[0] == key.hex()
+
+
+# ------------------------------------------------------------ explicit ranks
+
+@given(keys, st.lists(st.integers(0, 1000), min_size=1, max_size=8), st.integers(0, 7))
+def test_an_explicit_rank_wins(key, loads, explicit):
+    assert rank_for(key, loads, 0.0, explicit=explicit) == explicit
+
+
+# ------------------------------------------------------------ affinity
+
+@given(keys, ranks, eps_values, st.data())
+def test_same_key_same_rank_while_its_rank_is_within_the_bound(key, n, eps, data):
+    top = hrw_order(key, range(n))[0]
+    loads = data.draw(st.lists(st.integers(0, 200), min_size=n, max_size=n))
+    cap = load_cap(sum(loads), n, eps)
+    chosen = rank_for(key, loads, eps)
+    if loads[top] + 1 <= cap:
+        assert chosen == top
+    else:
+        assert chosen != top
+        # the next rank in the key's order that is within the bound
+        order = hrw_order(key, range(n))
+        assert chosen == next(r for r in order if loads[r] + 1 <= cap)
+
+
+@given(keys, ranks)
+def test_idle_engines_route_by_key_alone(key, n):
+    assert rank_for(key, [0] * n) == hrw_order(key, range(n))[0]
+
+
+@given(st.lists(keys, min_size=1, max_size=50, unique=True), ranks)
+def test_the_choice_is_a_function_of_key_and_loads(key_list, n):
+    loads = [(i * 7) % 5 for i in range(n)]
+    first = [rank_for(k, loads) for k in key_list]
+    assert [rank_for(k, list(loads)) for k in key_list] == first
+    assert [rank_for(k, dict(enumerate(loads))) for k in key_list] == first
+
+
+# ------------------------------------------------------------ balance
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_uniform_keys_spread_evenly(n):
+    """Chi-square of first choices over 20000 keys (deterministic keys, so no
+    flakiness); the 1e-4 critical value of chi-square with n-1 degrees of
+    freedom is below 30 for n <= 8."""
+    m = 20000
+    counts = Counter(hrw_order(key_of(i), range(n))[0] for i in range(m))
+    expected = m / n
+    chi2 = sum((counts[r] - expected) ** 2 / expected for r in range(n))
+    assert len(counts) == n and chi2 < 30, (counts, chi2)
+
+
+@given(st.integers(2, 8), eps_values, st.integers(0, 10**6))
+@settings(max_examples=40, deadline=None)
+def test_uniform_keys_with_the_bound_stay_balanced(n, eps, seed):
+    loads = [0] * n
+    for i in range(400):
+        loads[rank_for(key_of(seed + i), loads, eps)] += 1
+    assert max(loads) <= math.ceil((1 + eps) * sum(loads) / n)
+
+
+def zipf_keys(seed: int, count: int, num_keys: int, s: float) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** s for k in range(num_keys)]
+    return [key_of(seed * 1000 + k)
+            for k in rng.choices(range(num_keys), weights=weights, k=count)]
+
+
+@given(st.integers(2, 8), eps_values, st.integers(0, 10**6),
+       st.sampled_from(["one hot key", "zipf"]))
+@settings(max_examples=60, deadline=None)
+def test_the_bound_holds_under_skew(n, eps, seed, shape):
+    """Arrivals only: after every request no rank exceeds ceil((1+eps) * mean)."""
+    import random
+
+    rng = random.Random(seed)
+    if shape == "one hot key":
+        hot = key_of(seed)
+        stream = [hot if rng.random() < 0.5 else key_of(rng.randrange(10**9))
+                  for _ in range(500)]
+    else:
+        stream = zipf_keys(seed, 500, 50, 1.2)
+    loads = [0] * n
+    for k in stream:
+        loads[rank_for(k, loads, eps)] += 1
+        assert max(loads) <= math.ceil((1 + eps) * sum(loads) / n)
+
+
+@given(st.integers(2, 6), st.sampled_from([0.1, 0.25]), st.integers(0, 10**6))
+@settings(max_examples=30, deadline=None)
+def test_with_departures_a_rank_takes_requests_only_within_the_bound(n, eps, seed):
+    """Arrivals and departures (requests live 5..40 steps), one key half the traffic:
+    whenever a rank takes a request, its load stays within the cap of that moment."""
+    import random
+
+    rng = random.Random(seed)
+    hot = key_of(seed)
+    loads = [0] * n
+    live: list[tuple[int, int]] = []
+    for t in range(600):
+        for _, r in [x for x in live if x[0] <= t]:
+            loads[r] -= 1
+        live = [x for x in live if x[0] > t]
+        k = hot if rng.random() < 0.5 else key_of(rng.randrange(10**9))
+        cap = load_cap(sum(loads), n, eps)
+        r = rank_for(k, loads, eps)
+        assert loads[r] + 1 <= cap
+        loads[r] += 1
+        live.append((t + rng.randint(5, 40), r))
+
+
+def test_a_hot_key_overflows_to_its_second_choice():
+    hot = key_of(42)
+    order = hrw_order(hot, range(4))
+    loads = [0, 0, 0, 0]
+    seen = []
+    for _ in range(40):
+        r = rank_for(hot, loads, 0.1)
+        seen.append(r)
+        loads[r] += 1
+    # the first request goes to the first choice, the hot key then uses its
+    # ranks in its own order, and every rank stays within the bound
+    assert seen[0] == order[0]
+    firsts = [seen.index(r) for r in order]
+    assert firsts == sorted(firsts)
+    assert max(loads) <= math.ceil(1.1 * 40 / 4)
+
+
+# ------------------------------------------------------------ ranks that go away
+
+@given(st.lists(keys, min_size=1, max_size=200, unique=True), st.integers(2, 10), st.data())
+def test_removing_a_rank_moves_only_its_keys(key_list, n, data):
+    gone = data.draw(st.integers(0, n - 1))
+    before = {k: rank_for(k, [0] * n, math.inf) for k in key_list}
+    remaining = {r: 0 for r in range(n) if r != gone}
+    after = {k: rank_for(k, remaining, math.inf) for k in key_list}
+    for k in key_list:
+        if before[k] != gone:
+            assert after[k] == before[k]
+        else:
+            assert after[k] == hrw_order(k, range(n))[1]
+
+
+@given(keys, st.integers(2, 8))
+def test_fewer_loads_than_ranks_routes_among_those_present(key, n):
+    loads = [0] * (n - 1)  # the last rank went away
+    assert rank_for(key, loads) in range(n - 1)
+
+
+def test_edge_cases():
+    key = key_of(1)
+    assert rank_for(key, [0]) == 0
+    assert rank_for(key, [10**9]) == 0
+    assert rank_for(key, {5: 3.0}) == 5
+    assert rank_for(None, [3, 1, 1]) == 1  # no key: least loaded, lowest rank
+    assert rank_for(key, [-4, -4]) in (0, 1)
+    with pytest.raises(ValueError):
+        rank_for(key, [])
+    with pytest.raises(ValueError):
+        rank_for(key, [1, 2], -0.1)
+    # fractional loads where no rank is within the bound: the least loaded
+    assert rank_for(key, [0.35, 0.3], 0.0, cost=1.0) == 1
+    assert rank_for(key, [0.3, 0.35], 0.0, cost=1.0) == 0
+    assert DEFAULT_LOAD_BOUND > 0
