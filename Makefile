@@ -25,5 +25,5 @@ demo:
 	$(PY) -m asyncbatch.demo
 
 lint:
-	$(PY) -m ruff check --no-cache plugin tests benchmarks conformance
+	$(PY) -m ruff check --no-cache plugin tests benchmarks conformance examples
 	$(PY) -m mypy
