@@ -5,7 +5,9 @@
     python3 benchmarks/dp_ab.py --model dummy:llama-8b --out benchmarks/results/dp
     python3 benchmarks/dp_ab.py --quick --out /tmp/dp-smoke      # a smoke test
 
-Variants, one server each per repeat, in A B C D D C B A order:
+Variants, in A B C D D C B A order; ``hash-header`` is a client of the stock
+server (one server for both, their runs alternating per workload), so a repeat
+starts three servers:
 
 - ``stock``: vLLM's scheduler, vLLM's balancing (lowest load, rotating ties);
 - ``asyncbatch``: ``--scheduler-cls asyncbatch.Scheduler``, ``dp_routing`` "auto"
@@ -480,6 +482,28 @@ def check_routing_log(variant: str, log_path: Path) -> str:
     return "on" if on else ("off" if off else "stock")
 
 
+# The server each variant runs on: hash-header is a client of the stock server.
+SERVER_OF = {"hash-header": "stock"}
+
+
+def server_sessions(variants: Sequence[str], repeats: int
+                    ) -> tuple[list[tuple[str, int]], list[tuple[str, int, list[str]]]]:
+    """The run order of the variants, and the servers to start for it: variants
+    that share a server (`SERVER_OF`) run on one, one after the other for each
+    workload, in alternating order across repeats.  Returns ``(variant, repeat)``
+    in run order and ``(server kind, repeat, variants)`` per server started."""
+    kinds = list(dict.fromkeys(SERVER_OF.get(v, v) for v in variants))
+    order: list[tuple[str, int]] = []
+    sessions: list[tuple[str, int, list[str]]] = []
+    for kind, k in abba_order(kinds, repeats):
+        clients = [v for v in variants if SERVER_OF.get(v, v) == kind]
+        if k % 2:
+            clients.reverse()
+        sessions.append((kind, k, clients))
+        order += [(v, k) for v in clients]
+    return order, sessions
+
+
 def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None = None,
             env: dict[str, str] | None = None, progress: Callable[[str], None] = print
             ) -> dict[str, Any]:
@@ -493,43 +517,46 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
     workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
     warmup = random_workload(Shape(groups=1, members=cfg.warmup_requests, prefix_len=64,
                                    suffix_len=16, output_len=8, seed=99))
-    order = abba_order(cfg.variants, cfg.repeats)
+    order, sessions = server_sessions(cfg.variants, cfg.repeats)
     runs: list[dict[str, Any]] = []
-    for i, (variant, k) in enumerate(order):
+    for i, (kind, k, clients) in enumerate(sessions):
         port = free_port()
-        cmd = server_cmd(variant, port) if server_cmd else serve_cmd(cfg, variant, port)
-        log = work / f"server{i:02d}-{variant}-{k}.log"
-        progress(f"[{i + 1}/{len(order)}] starting {variant} (repeat {k + 1})")
+        cmd = server_cmd(kind, port) if server_cmd else serve_cmd(cfg, kind, port)
+        log = work / f"server{i:02d}-{kind}-{k}.log"
+        progress(f"[{i + 1}/{len(sessions)}] starting {' + '.join(clients)} (repeat {k + 1})")
         t0 = time.monotonic()
         with running_server_env(cmd, port, log, cfg.health_timeout_s, env) as startup_s:
             if cfg.warmup_requests:
                 run_client(port, cfg.model.path, warmup, math.inf, seed=0, rank_header=None,
                            max_concurrency=None, timeout_s=cfg.request_timeout_s)
-            routing = check_routing_log(variant, log) if server_cmd is None else "n/a"
+            routing = check_routing_log(kind, log) if server_cmd is None else "n/a"
             for name, rate in cfg.plan():
                 reqs = workloads[name]
-                reset_prefix_cache(port)
-                time.sleep(cfg.settle_s)  # the coordinator's counts settle
-                before = scrape(port, COUNTERS)
-                with GaugeSampler(port, cfg.sample_s) as sampler:
-                    results, duration = run_client(
-                        port, cfg.model.path, reqs, rate, seed=k * 1000 + 7,
-                        rank_header=cfg.dp if variant == "hash-header" else None,
-                        max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s)
-                time.sleep(cfg.settle_s)  # the last stats reach /metrics
-                after = scrape(port, COUNTERS)
-                rec = run_record(results, duration, engine_deltas(before, after),
-                                 sampler.mean_load())
-                rec.update(variant=variant, repeat=k, order=i, workload=name, rate=rate,
-                           startup_s=startup_s, routing=routing)
-                runs.append(rec)
-                progress(f"  {variant} {name}@{rate:g}: {rec['request_throughput']:.2f} req/s, "
-                         f"TTFT p50 {rec['ttft_p50_ms']:.0f} ms, hits "
-                         f"{rec['prefix_cache_hits']:.0f}/{rec['prefix_cache_queries']:.0f}, "
-                         f"imbalance {rec['imbalance_requests']:.2f}")
-                (cfg.out / "runs-partial.json").write_text(json.dumps(runs, indent=1,
-                                                                      default=str))
-        progress(f"  server {variant} done in {time.monotonic() - t0:.0f} s")
+                for variant in clients:
+                    reset_prefix_cache(port)
+                    time.sleep(cfg.settle_s)  # the coordinator's counts settle
+                    before = scrape(port, COUNTERS)
+                    with GaugeSampler(port, cfg.sample_s) as sampler:
+                        results, duration = run_client(
+                            port, cfg.model.path, reqs, rate, seed=k * 1000 + 7,
+                            rank_header=cfg.dp if variant == "hash-header" else None,
+                            max_concurrency=cfg.max_concurrency,
+                            timeout_s=cfg.request_timeout_s)
+                    time.sleep(cfg.settle_s)  # the last stats reach /metrics
+                    after = scrape(port, COUNTERS)
+                    rec = run_record(results, duration, engine_deltas(before, after),
+                                     sampler.mean_load())
+                    rec.update(variant=variant, server=kind, repeat=k, order=i, workload=name,
+                               rate=rate, startup_s=startup_s, routing=routing)
+                    runs.append(rec)
+                    progress(f"  {variant} {name}@{rate:g}: "
+                             f"{rec['request_throughput']:.2f} req/s, TTFT p50 "
+                             f"{rec['ttft_p50_ms']:.0f} ms, hits "
+                             f"{rec['prefix_cache_hits']:.0f}/{rec['prefix_cache_queries']:.0f}, "
+                             f"imbalance {rec['imbalance_requests']:.2f}")
+                    (cfg.out / "runs-partial.json").write_text(json.dumps(runs, indent=1,
+                                                                          default=str))
+        progress(f"  server {kind} done in {time.monotonic() - t0:.0f} s")
     result = {"config": config_record(cfg, order), "runs": runs,
               "summary": summarize(runs, cfg.variants)}
     (cfg.out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))

@@ -147,4 +147,16 @@ def test_a_whole_ab_against_a_fake_server(dp_ab, tmp_path):
     assert prefix["stock"]["throughput_vs_stock"] == 1.0
     assert all(r["ttft_p50_ms"] > 0 for r in runs)
     assert "## prefix@200" in (out / "summary.md").read_text()
-    assert any("starting hash-header" in m for m in messages)
+    # one server per repeat: hash-header is a client of the stock server
+    assert sum("starting" in m for m in messages) == 2
+    assert any("starting stock + hash-header" in m for m in messages)
+
+
+def test_server_sessions(dp_ab):
+    order, sessions = dp_ab.server_sessions(list(dp_ab.VARIANTS), 2)
+    assert [(kind, k) for kind, k, _ in sessions] == [
+        ("stock", 0), ("asyncbatch", 0), ("asyncbatch-norouting", 0),
+        ("asyncbatch-norouting", 1), ("asyncbatch", 1), ("stock", 1)]
+    assert sessions[0][2] == ["stock", "hash-header"]
+    assert sessions[-1][2] == ["hash-header", "stock"]
+    assert sorted(order) == sorted((v, k) for v in dp_ab.VARIANTS for k in range(2))
