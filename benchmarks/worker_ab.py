@@ -2,6 +2,8 @@
 """Worker-side A/B on a GPU: stock async scheduling vs ``asyncbatch.Worker``.
 
     python3 benchmarks/worker_ab.py --shape llama-1b --repeats 2 --out DIR
+    python3 benchmarks/worker_ab.py --long --repeats 2 --repeat-offset 0|2|4 --out DIR
+        # long runs (timed parts >= 30 s), split over three commands; then --pool the files
 
 Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order; the
 default is ``async,async+cg1024,depth3``: stock as it ships, stock with the same
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -307,11 +310,24 @@ def main() -> int:
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="llama-1b", choices=["llama-1b", "llama-8b"])
     ap.add_argument("--variants", default="async,async+cg1024,depth3")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs per variant, A B B A (default 2; 6 with --long)")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="prompts per timed run (default 1000; 6000 with --long)")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--sync-check", action="store_true")
+    ap.add_argument("--long", action="store_true",
+                    help="runs long enough to see a 2%% difference on a host-bound shape: "
+                         "6 repeats, 6000 prompts per timed run, and every timed part "
+                         "checked to last --min-timed-s 30 s or more (an explicit "
+                         "--repeats/--num-prompts wins)")
+    ap.add_argument("--min-timed-s", type=float, default=None,
+                    help="flag (\"short_runs\" in the result, and a warning) every timed run "
+                         "shorter than this many seconds (default: none; 30 with --long)")
+    ap.add_argument("--repeat-offset", type=int, default=0,
+                    help="start the A B B A order at this repeat, to continue a run split "
+                         "over several commands (pool the files with --pool)")
     ap.add_argument("--stacks", action="store_true",
                     help="sample the main thread's stack of every engine process during the "
                          "timed run (asyncbatch/bench/stacks.py); adds a little host load")
@@ -325,6 +341,14 @@ def main() -> int:
                     help="run nothing: write FILE.png beside each result file (output "
                          "tok/s and NVML busy share of every timed run, in run order)")
     a = ap.parse_args()
+    if a.long:
+        a.repeats = a.repeats or 6
+        a.num_prompts = a.num_prompts or 6000
+        a.min_timed_s = 30.0 if a.min_timed_s is None else a.min_timed_s
+    a.repeats = a.repeats or 2
+    a.num_prompts = a.num_prompts or 1000
+    if a.repeat_offset < 0:
+        ap.error("--repeat-offset must be >= 0")
     if a.plot:
         for file in a.plot:
             print(plot_result(file))
@@ -340,16 +364,11 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "plugin"))
     from asyncbatch.bench.models import resolve_model
-    from asyncbatch.bench.stats import abba_order
-
     model = resolve_model(f"dummy:{a.shape}")
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     variants = a.variants.split(",")
-    plan: list[tuple[str, dict[str, str]]] = [(v, {}) for v, _ in
-                                              abba_order(variants, a.repeats)]
-    if a.sync_check:
-        plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
+    plan = run_plan(variants, a.repeats, a.repeat_offset, a.sync_check)
     runs: list[dict[str, Any]] = []
     path = a.out / f"worker-ab-{a.shape}-{stamp}.json"
     for i, (variant, env) in enumerate(plan):
@@ -420,6 +439,10 @@ def main() -> int:
     print(json.dumps(doc["summary"], indent=1))
     mismatches = doc["parity_mismatches"]
     print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
+    if doc["short_runs"]:
+        print(f"WARNING: {len(doc['short_runs'])} timed run(s) lasted less than "
+              f"{a.min_timed_s:g} s ({doc['short_runs']}): too short to resolve a 2% "
+              "difference on a host-bound shape; raise --num-prompts")
     print("wrote", path)
     return 1 if mismatches else 0
 
@@ -477,6 +500,30 @@ def format_pool(pooled: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_plan(variants: list[str], repeats: int, offset: int = 0, sync_check: bool = False
+             ) -> list[tuple[str, dict[str, str]]]:
+    """(variant, extra environment) per run: A B B A order over ``repeats`` repeats
+    starting at repeat ``offset`` (so that a run split over several commands keeps
+    alternating), then the sync-check run of the last variant if asked."""
+    sys.path.insert(0, str(ROOT / "plugin"))
+    from asyncbatch.bench.stats import abba_order
+
+    plan: list[tuple[str, dict[str, str]]] = [
+        (v, {}) for v, k in abba_order(variants, repeats + offset) if k >= offset]
+    if sync_check:
+        plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
+    return plan
+
+
+def short_runs(runs: list[dict[str, Any]], min_timed_s: float | None) -> list[str]:
+    """``order-variant`` of each timed run whose timed part lasted less than
+    ``min_timed_s`` (none when it is None)."""
+    if not min_timed_s:
+        return []
+    return [f"{r['order']}-{r['variant']}" for r in runs
+            if not r.get("sync_check") and r.get("elapsed_s", math.inf) < min_timed_s]
+
+
 def write_result(path: Path, a: argparse.Namespace, variants: list[str],
                  runs: list[dict[str, Any]], *, complete: bool) -> dict[str, Any]:
     """Write what the runs so far measured; called after every run, so a command cut
@@ -509,6 +556,9 @@ def write_result(path: Path, a: argparse.Namespace, variants: list[str],
                                           "input_len": a.input_len,
                                           "output_len": a.output_len},
            "complete": complete, "summary": summary, "parity_mismatches": mismatches,
+           "min_timed_s": getattr(a, "min_timed_s", None),
+           "repeat_offset": getattr(a, "repeat_offset", 0),
+           "short_runs": short_runs(runs, getattr(a, "min_timed_s", None)),
            "runs": [{k: v for k, v in r.items() if k != "parity_tokens"} for r in runs]}
     path.write_text(json.dumps(doc, indent=1))
     return doc

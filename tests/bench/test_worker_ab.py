@@ -92,6 +92,30 @@ def test_result_is_written_after_every_run(worker_ab, tmp_path, monkeypatch):
     assert doc["summary"]["depth3"]["ratio_vs_async"] == pytest.approx(1.3)
     assert doc["parity_mismatches"] == {"1-depth3": [0]}  # the one run whose tokens differ
     assert all("parity_tokens" not in r for r in doc["runs"])
+    assert doc["short_runs"] == []  # no --min-timed-s
+
+
+def test_run_plan_continues_the_alternation(worker_ab):
+    first = [v for v, _ in worker_ab.run_plan(["a", "b"], 2)]
+    rest = [v for v, _ in worker_ab.run_plan(["a", "b"], 2, offset=2, sync_check=True)]
+    assert first == ["a", "b", "b", "a"] and rest == ["a", "b", "b", "a", "b"]
+    assert worker_ab.run_plan(["a", "b"], 1, offset=1) == [("b", {}), ("a", {})]
+    assert worker_ab.run_plan(["a"], 1, sync_check=True)[-1] == (
+        "a", {"VLLM_GPU_SYNC_CHECK": "error"})
+
+
+def test_short_timed_runs_are_flagged(worker_ab, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "test GPU")
+    a = argparse.Namespace(shape="llama-1b", num_prompts=10, input_len=4, output_len=2,
+                           min_timed_s=30.0, repeat_offset=2)
+    runs = [run(0, "async", 100.0, [[1]]), run(1, "depth3", 120.0, [[1]])]
+    runs[0]["elapsed_s"], runs[1]["elapsed_s"] = 31.0, 29.5
+    doc = worker_ab.write_result(tmp_path / "r.json", a, ["async", "depth3"], runs,
+                                 complete=True)
+    assert doc["short_runs"] == ["1-depth3"]
+    assert doc["min_timed_s"] == 30.0 and doc["repeat_offset"] == 2
 
 
 def test_allocator_probe_reads_torch_counters(worker_ab, monkeypatch):
