@@ -152,6 +152,8 @@ def caplog_vllm(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixtur
 _outcomes: dict[str, str] = {}
 # the tests that called the scheduler under test (recorded in the stock run)
 _touched_tests: set[str] = set()
+# test ids in the order they ran
+_ran: dict[str, None] = {}
 
 
 def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
@@ -160,6 +162,8 @@ def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid not in _ran:
+        _ran[report.nodeid] = None  # run order, which the plugin's runs keep
     if _touched:
         _touched_tests.add(report.nodeid)
     # A test failed if any phase failed; else it took the outcome of its call, or
@@ -183,5 +187,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with open(out, "w") as f:
             json.dump({"variant": VARIANT, "scheduler": SCHEDULER.__name__,
                        "outcomes": dict(sorted(_outcomes.items())),
-                       "touched": sorted(_touched_tests) if VARIANT == "stock" else None},
+                       "touched": sorted(_touched_tests) if VARIANT == "stock" else None,
+                       "order": list(_ran)},
                       f, indent=1)

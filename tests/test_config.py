@@ -69,6 +69,10 @@ def test_settings_are_validated_once_per_value(monkeypatch):
     with pytest.raises(config.InvalidSettings):  # an error is never cached
         config.settings_of({"asyncbatch": {"policy": "random"}})
     assert config.settings_of(None) == AsyncBatchConfig()
+    # a value equal under == but not under the strict model is validated again
+    assert config.settings_of({"asyncbatch": {"min_shared_blocks": 1}}).min_shared_blocks == 1
+    with pytest.raises(config.InvalidSettings):
+        config.settings_of({"asyncbatch": {"min_shared_blocks": True}})
 
 
 def test_a_subclass_of_the_worker_is_recognised_by_name():

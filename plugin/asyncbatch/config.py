@@ -7,7 +7,6 @@ Every setting, its default and its meaning is listed in ``configs/settings.md``;
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -242,23 +241,29 @@ class AsyncBatchConfig(BaseModel):
 # The last settings parsed and the raw value they came from: the scheduler, the depth
 # property and the worker all ask for the settings of the one configuration of their
 # process, so each process validates them once.
-_parsed: tuple[Any, AsyncBatchConfig] | None = None
+_parsed: tuple[str, AsyncBatchConfig] | None = None
 
 
 def settings_of(additional_config: Any) -> AsyncBatchConfig:
     """`AsyncBatchConfig.from_additional_config`, validated once per distinct value
-    (cheap to call again: one comparison of the raw settings).
+    (cheap to call again: the raw settings are compared as JSON, which tells
+    ``true`` from ``1`` and ``2.0`` from ``2`` as the strict model does).
 
     Raises:
         InvalidSettings: as `AsyncBatchConfig.from_additional_config` (never cached).
     """
     global _parsed
     raw = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+    try:
+        text: str | None = json.dumps(raw, sort_keys=True)
+    except (TypeError, ValueError):
+        text = None  # not JSON: validate every time (and let the model say what is wrong)
     last = _parsed
-    if last is not None and type(last[0]) is type(raw) and last[0] == raw:
+    if text is not None and last is not None and last[0] == text:
         return last[1]
     settings = AsyncBatchConfig.from_additional_config(additional_config)
-    _parsed = (copy.deepcopy(raw), settings)
+    if text is not None:
+        _parsed = (text, settings)
     return settings
 
 

@@ -6,6 +6,7 @@ the parts that crashed or differed before."""
 
 import pytest
 from streams import ASYNCBATCH, settings
+from vllm.v1.request import RequestStatus
 
 from asyncbatch.sim.engine import make_request
 
@@ -69,3 +70,21 @@ def test_a_scheduler_built_without_init_behaves_as_vllms():
     assert scheduler.decode_fast_output is None and scheduler.decode_fast_path is None
     assert scheduler.prefix_policy is None and scheduler.pipeline_depth == 2
     scheduler.on_request_finished(make_request("x", [5, 6], max_tokens=2))
+
+
+def test_a_step_left_open_by_a_raising_schedule_is_closed_at_the_next(make_scheduler):
+    """vLLM with patches/0001 calls begin_step and end_step without a try/finally: a
+    schedule() that raised leaves the policy's step open, and the next begin_step
+    must close it before it opens its own (the gate must not carry over)."""
+    s = make_scheduler(ASYNCBATCH)
+    queue = s.waiting
+    for i in range(3):
+        s.add_request(make_request(f"r{i}", list(range(2, 40)), max_tokens=4))
+    queue.begin_step(s)
+    assert queue.step_open and queue.gated
+    for request in list(queue):  # the step raised; its requests were aborted meanwhile
+        s.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+    assert len(queue) == 0
+    queue.begin_step(s)  # nothing waits now: no step opens, and the old one is closed
+    assert not queue.step_open and not queue.gated and queue.may_admit()
+    assert s.prefix_policy._state is None

@@ -144,9 +144,14 @@ def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any
         return original(client, request)
     from asyncbatch import _compat
 
-    loads = _compat.dp_engine_loads(client)
-    loads = loads[:len(client.core_engines)]
-    rank = router.choose(request, loads)
+    try:
+        loads = _compat.dp_engine_loads(client)
+        loads = loads[:len(client.core_engines)]
+        rank = router.choose(request, loads)
+    except Exception:  # never let routing fail a request: vLLM balances it
+        logger.exception("asyncbatch: data-parallel prefix routing failed for request %s; "
+                         "vLLM's balancing takes it", getattr(request, "request_id", "?"))
+        rank = None
     if rank is None:
         return original(client, request)
     request.data_parallel_rank = rank
@@ -169,7 +174,11 @@ def patch_module(module: ModuleType) -> bool:
     with _lock:
         if ORIGINAL_ATTR in cls.__dict__:
             return True
-        original = cls.__dict__[METHOD]
+        original = cls.__dict__.get(METHOD)
+        if original is None:  # inherited, not defined here: not the client this was written for
+            logger.warning("asyncbatch: %s.%s does not define %s; data-parallel prefix routing "
+                           "is not installed", module.__name__, TARGET_CLASS, METHOD)
+            return False
 
         @functools.wraps(original)
         def get_core_engine_for_request(self: Any, request: Any) -> Any:

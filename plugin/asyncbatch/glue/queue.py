@@ -145,6 +145,8 @@ class PolicyRequestQueue(RequestQueue):
         """Start of ``schedule()``: hand the prefix policy the step's KV figures,
         read from ``scheduler``.  Nothing to do for other policies, or with no
         request waiting."""
+        if self.step_open:  # the last schedule() raised before end_step (vLLM with
+            self.end_step(None)  # patches/0001 calls the two without a try/finally)
         policy = self.prefix_policy
         if policy is None or not self._requests:
             return
