@@ -81,6 +81,11 @@ from asyncbatch.bench.online import (  # noqa: E402
     running_server,
 )
 from asyncbatch.bench.stats import abba_order  # noqa: E402
+from asyncbatch.bench.workloads import (  # noqa: E402
+    PrefixSharedWorkload,
+    RandomWorkload,
+    random_tokens,
+)
 
 VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
 BASELINE = "stock"
@@ -118,26 +123,22 @@ class Shape:
     vocab: int = 32000
 
 
-def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
-    return [rng.randrange(2, vocab) for _ in range(n)]
-
-
 def prefix_workload(s: Shape) -> list[Req]:
-    rng = random.Random(s.seed)
-    out = []
-    for g in range(s.groups):
-        prefix = _tokens(rng, s.prefix_len, s.vocab)
-        out += [Req(prefix + _tokens(rng, s.suffix_len, s.vocab), s.output_len, g)
-                for _ in range(s.members)]
-    rng.shuffle(out)
-    return out
+    """`PrefixSharedWorkload` (shuffled), each request tagged with its group."""
+    workload = PrefixSharedWorkload(num_groups=s.groups, group_size=s.members,
+                                    prefix_len=s.prefix_len, suffix_len=s.suffix_len,
+                                    output_len=s.output_len, seed=s.seed)
+    # request ids are "g{group}m{member}"
+    return [Req(r.prompt_token_ids, r.max_tokens, int(r.request_id[1:].split("m")[0]))
+            for r in workload.requests(s.vocab)]
 
 
 def random_workload(s: Shape) -> list[Req]:
-    rng = random.Random(s.seed + 1)
-    n = s.groups * s.members
-    return [Req(_tokens(rng, s.prefix_len + s.suffix_len, s.vocab), s.output_len, -1)
-            for _ in range(n)]
+    """`RandomWorkload` of as many prompts, each as long as a prefix request's."""
+    workload = RandomWorkload(num_requests=s.groups * s.members,
+                              input_len=s.prefix_len + s.suffix_len,
+                              output_len=s.output_len, seed=s.seed + 1)
+    return [Req(r.prompt_token_ids, r.max_tokens, -1) for r in workload.requests(s.vocab)]
 
 
 def hot_workload(s: Shape, hot_share: float = 0.5) -> list[Req]:
@@ -146,10 +147,10 @@ def hot_workload(s: Shape, hot_share: float = 0.5) -> list[Req]:
     rng = random.Random(s.seed + 2)
     n = s.groups * s.members
     num_hot = round(n * hot_share)
-    prefixes = [_tokens(rng, s.prefix_len, s.vocab) for _ in range(s.groups + 1)]
+    prefixes = [random_tokens(rng, s.prefix_len, s.vocab) for _ in range(s.groups + 1)]
     groups = [0] * num_hot + [1 + i % s.groups for i in range(n - num_hot)]
     rng.shuffle(groups)
-    return [Req(prefixes[g] + _tokens(rng, s.suffix_len, s.vocab), s.output_len, g)
+    return [Req(prefixes[g] + random_tokens(rng, s.suffix_len, s.vocab), s.output_len, g)
             for g in groups]
 
 

@@ -60,7 +60,7 @@ class RandomWorkload:
         for i in range(self.num_requests):
             n_in = _jitter(rng, self.input_len, self.range_ratio)
             n_out = _jitter(rng, self.output_len, self.range_ratio)
-            out.append(BenchRequest(f"r{i}", _tokens(rng, n_in, vocab_size), n_out))
+            out.append(BenchRequest(f"r{i}", random_tokens(rng, n_in, vocab_size), n_out))
         return out
 
 
@@ -95,9 +95,9 @@ class PrefixSharedWorkload:
         rng = random.Random(self.seed)
         out = []
         for g in range(self.num_groups):
-            prefix = _tokens(rng, self.prefix_len, vocab_size)
+            prefix = random_tokens(rng, self.prefix_len, vocab_size)
             for m in range(self.group_size):
-                suffix = _tokens(rng, self.suffix_len, vocab_size)
+                suffix = random_tokens(rng, self.suffix_len, vocab_size)
                 out.append(BenchRequest(f"g{g}m{m}", prefix + suffix, self.output_len))
         if self.order == "shuffled":
             rng.shuffle(out)
@@ -305,7 +305,7 @@ def _jitter(rng: random.Random, n: int, ratio: float) -> int:
     return max(1, rng.randint(int(n * (1 - ratio)), int(n * (1 + ratio))))
 
 
-def _tokens(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+def random_tokens(rng: random.Random, n: int, vocab_size: int) -> list[int]:
     return [rng.randrange(2, vocab_size) for _ in range(n)]
 
 

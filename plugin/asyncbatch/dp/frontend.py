@@ -92,10 +92,10 @@ def _mm_identifiers(request: Any, covered: int) -> list[str]:
 def decide(vllm_config: Any, num_engines: int) -> tuple[Router | None, str]:
     """Whether a client with ``num_engines`` engines routes by prefix, and why."""
     from asyncbatch import _compat
-    from asyncbatch.config import AsyncBatchConfig, InvalidSettings
+    from asyncbatch.config import InvalidSettings, settings_of
 
     try:
-        settings = AsyncBatchConfig.from_additional_config(
+        settings = settings_of(
             getattr(vllm_config, "additional_config", None))
     except InvalidSettings as e:
         return None, f"invalid settings ({e})"
