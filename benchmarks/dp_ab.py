@@ -5,6 +5,14 @@
     python3 benchmarks/dp_ab.py --model dummy:llama-8b --out benchmarks/results/dp
     python3 benchmarks/dp_ab.py --quick --out /tmp/dp-smoke      # a smoke test
 
+A series too long for one command splits into parts that continue its order,
+then merges (a part that was stopped leaves ``runs-partial.json``)::
+
+    python3 benchmarks/dp_ab.py --repeats 1 --out /tmp/dp-a
+    python3 benchmarks/dp_ab.py --repeats 1 --repeat-offset 1 --out /tmp/dp-b
+    python3 benchmarks/dp_ab.py --merge /tmp/dp-a/results.json /tmp/dp-b/results.json \
+        --out benchmarks/results/dp
+
 Variants, in A B C D D C B A order; ``hash-header`` is a client of the stock
 server (one server for both, their runs alternating per workload), so a repeat
 starts three servers:
@@ -411,6 +419,7 @@ class Config:
     hot_rates: list[float] = field(default_factory=lambda: [16.0, math.inf])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     repeats: int = 2
+    repeat_offset: int = 0
     max_concurrency: int | None = None
     max_num_seqs: int = 256
     max_model_len: int = 4096
@@ -487,16 +496,18 @@ def check_routing_log(variant: str, log_path: Path) -> str:
 SERVER_OF = {"hash-header": "stock"}
 
 
-def server_sessions(variants: Sequence[str], repeats: int
+def server_sessions(variants: Sequence[str], repeats: int, offset: int = 0
                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int, list[str]]]]:
     """The run order of the variants, and the servers to start for it: variants
     that share a server (`SERVER_OF`) run on one, one after the other for each
     workload, in alternating order across repeats.  Returns ``(variant, repeat)``
-    in run order and ``(server kind, repeat, variants)`` per server started."""
+    in run order and ``(server kind, repeat, variants)`` per server started.
+    ``offset`` continues a series: repeats ``offset .. offset + repeats - 1``
+    of the same alternating order (a series split over several commands)."""
     kinds = list(dict.fromkeys(SERVER_OF.get(v, v) for v in variants))
     order: list[tuple[str, int]] = []
     sessions: list[tuple[str, int, list[str]]] = []
-    for kind, k in abba_order(kinds, repeats):
+    for kind, k in abba_order(kinds, offset + repeats)[offset * len(kinds):]:
         clients = [v for v in variants if SERVER_OF.get(v, v) == kind]
         if k % 2:
             clients.reverse()
@@ -517,8 +528,9 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
         raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
     warmup = random_workload(Shape(groups=1, members=cfg.warmup_requests, prefix_len=64,
-                                   suffix_len=16, output_len=8, seed=99))
-    order, sessions = server_sessions(cfg.variants, cfg.repeats)
+                                   suffix_len=16, output_len=8, seed=99,
+                                   vocab=cfg.shape.vocab))
+    order, sessions = server_sessions(cfg.variants, cfg.repeats, cfg.repeat_offset)
     runs: list[dict[str, Any]] = []
     for i, (kind, k, clients) in enumerate(sessions):
         port = free_port()
@@ -528,8 +540,13 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
         t0 = time.monotonic()
         with running_server_env(cmd, port, log, cfg.health_timeout_s, env) as startup_s:
             if cfg.warmup_requests:
-                run_client(port, cfg.model.path, warmup, math.inf, seed=0, rank_header=None,
-                           max_concurrency=None, timeout_s=cfg.request_timeout_s)
+                done, _ = run_client(port, cfg.model.path, warmup, math.inf, seed=0,
+                                     rank_header=None, max_concurrency=None,
+                                     timeout_s=cfg.request_timeout_s)
+                failed = [r.error for r in done if not r.ok]
+                if failed:
+                    raise BenchError(f"{kind}: {len(failed)} of {len(done)} warm-up requests "
+                                     f"failed, first: {failed[0]} (server log {log})")
             routing = check_routing_log(kind, log) if server_cmd is None else "n/a"
             for name, rate in cfg.plan():
                 reqs = workloads[name]
@@ -550,7 +567,8 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                     rec.update(variant=variant, server=kind, repeat=k, order=i, workload=name,
                                rate=rate, startup_s=startup_s, routing=routing)
                     runs.append(rec)
-                    progress(f"  {variant} {name}@{rate:g}: "
+                    progress(f"  {variant} {name}@{rate:g}: {rec['completed']}/"
+                             f"{rec['num_requests']} done, "
                              f"{rec['request_throughput']:.2f} req/s, TTFT p50 "
                              f"{rec['ttft_p50_ms']:.0f} ms, hits "
                              f"{rec['prefix_cache_hits']:.0f}/{rec['prefix_cache_queries']:.0f}, "
@@ -560,10 +578,51 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
         progress(f"  server {kind} done in {time.monotonic() - t0:.0f} s")
     result = {"config": config_record(cfg, order), "runs": runs,
               "summary": summarize(runs, cfg.variants)}
-    (cfg.out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
-    (cfg.out / "summary.md").write_text(summary_markdown(result))
+    write_outputs(result, cfg.out)
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    """``results.json``, ``summary.md`` and (with matplotlib) ``summary.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (out / "summary.md").write_text(summary_markdown(result))
     with contextlib.suppress(ImportError):
-        plot(result, cfg.out / "summary.png")
+        plot(result, out / "summary.png")
+
+
+def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The runs recorded in each file (a ``results.json`` or a ``runs-partial.json``
+    left by a run that was stopped), each tagged with its ``source`` file."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot read runs from {path}: {e}") from e
+        found = data.get("runs") if isinstance(data, dict) else data
+        if not isinstance(found, list) or not found or not all(
+                isinstance(r, dict) and {"variant", "workload", "rate"} <= set(r)
+                for r in found):
+            raise BenchError(f"{path}: no dp_ab runs in it (expected results.json or "
+                             "runs-partial.json)")
+        source = f"{Path(path).parent.name}/{Path(path).name}"
+        runs += [{**r, "rate": float(r["rate"]), "source": r.get("source", source)}
+                 for r in found]
+    return runs
+
+
+def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
+    """One result from the runs of several commands (a series split over
+    commands, or a run stopped part way): the summary compares variants only
+    where they ran, and says where they ran in different sources."""
+    runs = load_runs(paths)
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    order = list(dict.fromkeys((r["variant"], int(r["repeat"])) for r in runs))
+    config = {**config_record(cfg, order), "variants": variants,
+              "merged_from": [str(p) for p in paths]}
+    result = {"config": config, "runs": runs, "summary": summarize(runs, variants)}
+    write_outputs(result, cfg.out)
     return result
 
 
@@ -597,7 +656,8 @@ def config_record(cfg: Config, order: list[tuple[str, int]]) -> dict[str, Any]:
             "rates": [str(r) for r in cfg.rates],
             "random_rates": [str(r) for r in cfg.random_rates],
             "hot_rates": [str(r) for r in cfg.hot_rates], "variants": cfg.variants,
-            "repeats": cfg.repeats, "order": order, "max_concurrency": cfg.max_concurrency,
+            "repeats": cfg.repeats, "repeat_offset": cfg.repeat_offset, "order": order,
+            "max_concurrency": cfg.max_concurrency,
             "max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
             "api_server_count": cfg.api_server_count, "enforce_eager": cfg.enforce_eager,
             "extra_serve_args": cfg.extra_serve_args,
@@ -626,6 +686,7 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
                 continue
             section[v] = {m: statistics.median(float(r[m]) for r in rs) for m in METRICS}
             section[v]["n"] = len(rs)
+            section[v]["sources"] = sorted({str(r.get("source", "")) for r in rs})
             section[v]["throughput_range"] = [min(r["request_throughput"] for r in rs),
                                               max(r["request_throughput"] for r in rs)]
             section[v]["per_engine_hits"] = [
@@ -637,6 +698,10 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
                 s["throughput_vs_stock"] = s["request_throughput"] / base["request_throughput"]
         out[f"{workload}@{_rate(rate)}"] = section
     out["checks"] = checks(out)
+    incomplete = [f"{r['variant']} {r['workload']}@{_rate(r['rate'])} repeat {r['repeat']}"
+                  for r in runs if r["completed"] < r["num_requests"]]
+    out["checks"]["every request completed"] = {
+        "value": float(len(incomplete)), "pass": not incomplete, "runs": incomplete}
     return out
 
 
@@ -691,6 +756,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
                 f"{s['ttft_p99_ms']:.0f} | {s['prefix_cache_hits']:.0f} | "
                 f"{s['computed_prompt_tokens']:.0f} | {s['imbalance_requests']:.2f} / "
                 f"{s['imbalance_computed_tokens']:.2f} / {s['imbalance_mean_load']:.2f} |")
+        sources = {tuple(s.get("sources", ())) for s in section.values()}
+        if len(sources) > 1:
+            lines += ["", "Variants measured in different commands (servers on another "
+                      "machine start): " + "; ".join(
+                          f"{v}: {', '.join(s.get('sources', ()))}" for v, s in section.items())]
         lines.append("")
     lines += ["## Checks (asyncbatch)", ""]
     for name, c in summary["checks"].items():
@@ -766,10 +836,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra vllm serve argument (repeatable), e.g. "
                         "--serve-arg=--kv-cache-dtype=fp8")
+    p.add_argument("--repeat-offset", type=int, default=0,
+                   help="continue an alternating series started by an earlier command: "
+                        "run repeats K .. K + --repeats - 1 of it (default 0)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RUNS_JSON",
+                   help="start no server: summarize the runs in these files (results.json "
+                        "or runs-partial.json of earlier commands) into --out")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model shape, 4 groups x 4 members of 256-token "
                         "prefixes, one rate and saturation, one server per variant, eager")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.repeat_offset < 0:
+        p.error("--repeats must be >= 1 and --repeat-offset >= 0")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -790,7 +869,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(model=model, out=args.out, dp=args.dp, shape=shape, rates=args.rates,
                   random_rates=args.random_rates, hot_rates=args.hot_rates,
                   variants=args.variants.split(","), repeats=args.repeats,
-                  max_concurrency=args.max_concurrency, max_num_seqs=args.max_num_seqs,
+                  repeat_offset=args.repeat_offset, max_concurrency=args.max_concurrency,
+                  max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len,
                   gpu_memory_utilization=args.gpu_memory_utilization,
                   api_server_count=args.api_server_count, enforce_eager=args.enforce_eager,
@@ -802,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     with procs.sigterm_raises():
         try:
-            result = run_all(cfg)
+            result = merge(cfg, args.merge) if args.merge else run_all(cfg)
         except BenchError as e:
             print(f"dp_ab: {e}", file=sys.stderr)
             return 1

@@ -160,3 +160,48 @@ def test_server_sessions(dp_ab):
     assert sessions[0][2] == ["stock", "hash-header"]
     assert sessions[-1][2] == ["hash-header", "stock"]
     assert sorted(order) == sorted((v, k) for v in dp_ab.VARIANTS for k in range(2))
+
+
+def test_repeat_offset_continues_the_series(dp_ab):
+    variants = ["stock", "hash-header", "asyncbatch"]
+    whole, whole_sessions = dp_ab.server_sessions(variants, 3)
+    parts = [dp_ab.server_sessions(variants, 1, k) for k in range(3)]
+    assert [x for order, _ in parts for x in order] == whole
+    assert [x for _, sessions in parts for x in sessions] == whole_sessions
+    assert parts[1][1][0][0] == "asyncbatch"  # the second repeat runs backwards
+
+
+def test_merge_summarizes_runs_of_several_commands(dp_ab, tmp_path):
+    from asyncbatch.bench.models import ModelSpec
+
+    def run(variant, workload, rate, req_s, hits, repeat=0):
+        engines = {e: {"requests": 4.0, "prefix_cache_hits": hits / 2,
+                       "computed_tokens": 10.0} for e in "01"}
+        return {"variant": variant, "workload": workload, "rate": rate, "repeat": repeat,
+                "num_requests": 8, "completed": 8, "request_throughput": req_s,
+                "output_throughput": 10 * req_s, "ttft_p50_ms": 5.0, "ttft_p99_ms": 9.0,
+                "prefix_cache_hits": hits, "computed_prompt_tokens": 100 - hits,
+                "imbalance_requests": 1.0, "imbalance_computed_tokens": 1.0,
+                "imbalance_mean_load": 1.0, "engines": engines}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    # a stopped command's partial runs, then a whole one with another variant
+    (a / "runs-partial.json").write_text(json.dumps(
+        [run("stock", "prefix", math.inf, 10.0, 40.0), run("stock", "random", math.inf, 8.0, 0)]))
+    (b / "results.json").write_text(json.dumps({"runs": [
+        run("asyncbatch", "prefix", math.inf, 12.0, 60.0),
+        run("asyncbatch", "random", math.inf, 7.6, 0)]}))
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out")
+    result = dp_ab.merge(cfg, [a / "runs-partial.json", b / "results.json"])
+    summary = result["summary"]
+    assert summary["prefix@inf"]["asyncbatch"]["throughput_vs_stock"] == pytest.approx(1.2)
+    assert summary["prefix@inf"]["asyncbatch"]["sources"] == ["b/results.json"]
+    random_check = summary["checks"]["random@inf throughput >= 0.98x stock"]
+    assert random_check["value"] == pytest.approx(0.95) and not random_check["pass"]
+    assert result["config"]["variants"] == ["stock", "asyncbatch"]
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "different commands" in text and "a/runs-partial.json" in text
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(dp_ab.BenchError, match="no dp_ab runs"):
+        dp_ab.load_runs([tmp_path / "bad.json"])

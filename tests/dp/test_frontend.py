@@ -162,6 +162,29 @@ def test_the_bound_sends_a_group_to_its_second_choice(hooked):
     assert rank_of(client, engine) == 1 - first
 
 
+@pytest.mark.parametrize("client_count", [1, 2])
+def test_a_full_engine_gives_way_to_one_with_a_free_seat(hooked, client_count):
+    """max_num_seqs = 8: with its first choice holding 8 requests (within the
+    load bound) and the other 6, a group's request goes to the other engine,
+    which can run it now; once both are full the key decides again.  With two
+    API servers a request routed here stands for two (one per server), as in
+    vLLM's own load view, and the 6 still leave room for it."""
+    config = make_config()
+    config.scheduler_config.max_num_seqs = 8
+    client = make_client(hooked, 2, config=config, client_count=client_count)
+    tokens = list(range(2, 300))
+    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
+    counts = [[0, 0], [0, 0]]
+    counts[first], counts[1 - first] = [0, 8], [0, 6]
+    coordinator_update(client, counts)
+    engine = client.get_core_engine_for_request(make_request("x", tokens))
+    assert rank_of(client, engine) == 1 - first
+    assert frontend.router_of(client).seats == 8
+    coordinator_update(client, [[0, 8], [0, 8]])
+    engine = client.get_core_engine_for_request(make_request("y", tokens))
+    assert rank_of(client, engine) == first
+
+
 def test_an_explicit_rank_wins(hooked):
     client = make_client(hooked, 2)
     for i, (_, _, tokens) in enumerate(group_prompts(4, 2)):

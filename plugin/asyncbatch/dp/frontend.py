@@ -58,6 +58,8 @@ class Router:
     block_size: int
     prefix_tokens: int
     load_bound: float
+    # requests an engine runs at once (max_num_seqs); None: no seat limit
+    seats: int | None = None
 
     def key(self, request: Any) -> bytes | None:
         tokens = getattr(request, "prompt_token_ids", None)
@@ -70,12 +72,19 @@ class Router:
                           lora_name=getattr(lora, "lora_name", None) if lora else None,
                           extra=_mm_identifiers(request, covered))
 
-    def choose(self, request: Any, loads: Sequence[float]) -> int | None:
-        """The rank for ``request``, or None to leave it to vLLM."""
+    def choose(self, request: Any, loads: Sequence[float], client_count: int = 1
+               ) -> int | None:
+        """The rank for ``request``, or None to leave it to vLLM.  ``loads`` are in
+        units of one request routed by this client, one of ``client_count`` API
+        servers (`asyncbatch._compat.dp_engine_loads`), so an engine's seats
+        count ``seats / client_count`` of those units."""
         key = self.key(request)
         if key is None or not loads:
             return None
-        return rank_for(key, loads, self.load_bound)
+        capacity = None
+        if self.seats:
+            capacity = max(1.0, self.seats / max(1, client_count))
+        return rank_for(key, loads, self.load_bound, capacity=capacity)
 
 
 def _mm_identifiers(request: Any, covered: int) -> list[str]:
@@ -106,12 +115,15 @@ def decide(vllm_config: Any, num_engines: int) -> tuple[Router | None, str]:
     if settings.dp_routing == "auto" and not _compat.scheduler_is_asyncbatch(vllm_config):
         return None, 'dp_routing is "auto" and the engines do not run asyncbatch.Scheduler'
     block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None) or 16
+    seats = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None)
     router = Router(block_size=int(block_size), prefix_tokens=settings.dp_prefix_tokens,
-                    load_bound=settings.dp_load_bound)
+                    load_bound=settings.dp_load_bound,
+                    seats=int(seats) if isinstance(seats, int) and seats > 0 else None)
     covered = key_length(settings.dp_prefix_tokens, router.block_size,
                          settings.dp_prefix_tokens)
     return router, (f"dp_routing {settings.dp_routing!r}: key = first {covered} tokens "
-                    f"(blocks of {router.block_size}), load bound 1 + {settings.dp_load_bound:g}")
+                    f"(blocks of {router.block_size}), load bound 1 + {settings.dp_load_bound:g}"
+                    f", {router.seats or 'unlimited'} seats per engine")
 
 
 def router_of(client: Any) -> Router | None:
@@ -147,7 +159,8 @@ def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any
     try:
         loads = _compat.dp_engine_loads(client)
         loads = loads[:len(client.core_engines)]
-        rank = router.choose(request, loads)
+        rank = router.choose(request, loads,
+                             max(1, int(getattr(client, "client_count", 1) or 1)))
     except Exception:  # never let routing fail a request: vLLM balances it
         logger.exception("asyncbatch: data-parallel prefix routing failed for request %s; "
                          "vLLM's balancing takes it", getattr(request, "request_id", "?"))

@@ -31,6 +31,15 @@ its second choice, then its third, so no rank carries more than ``1 + eps``
 times the mean plus one request; keys whose first rank is under the bound are
 not moved.  With integer loads some rank always satisfies the bound; should
 none (fractional loads), the least loaded rank takes the request.
+
+**Seats** (``capacity``, optional): the most requests an engine runs at once
+(vLLM's ``max_num_seqs``).  While some rank has a free seat, only ranks with a
+free seat qualify: a request sent to a full engine waits for a whole request to
+finish (seconds), which costs far more than computing its prefix again on an
+engine that has room (one prefill).  When every rank is full, seats are not
+considered.  Without this, a burst that fills the engines exactly (stock's
+strict alternation) would leave the ranks that the bound lets run a few
+requests over ``max_num_seqs`` with a second wave of those few requests.
 """
 
 from __future__ import annotations
@@ -138,7 +147,7 @@ def _as_mapping(loads: Sequence[float] | Mapping[int, float]) -> Mapping[int, fl
 
 def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
              eps: float = DEFAULT_LOAD_BOUND, *, cost: float = 1.0,
-             explicit: int | None = None) -> int:
+             explicit: int | None = None, capacity: float | None = None) -> int:
     """The rank that serves a request.
 
     Args:
@@ -150,9 +159,12 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         eps: the load bound (``>= 0``); ``math.inf`` routes by key alone.
         cost: the load one request adds.
         explicit: a rank the request names (``data_parallel_rank``); it wins.
+        capacity: seats per rank, in the units of ``loads``; while a rank has
+            ``load + cost <= capacity``, ranks without a free seat do not
+            qualify.  None: no seat limit.
 
     Raises:
-        ValueError: no ranks, or a negative ``eps``.
+        ValueError: no ranks, a negative ``eps`` or a capacity below ``cost``.
     """
     if explicit is not None:
         return explicit
@@ -161,13 +173,23 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         raise ValueError("no data-parallel ranks to route to")
     if eps < 0:
         raise ValueError(f"the load bound eps must be >= 0, got {eps}")
+    if capacity is not None and capacity < cost:
+        raise ValueError(f"capacity {capacity} is below the cost of one request ({cost})")
     current = {r: max(0.0, float(v)) for r, v in view.items()}
     if key is None:
         return min(current, key=lambda r: (current[r], r))
     order = hrw_order(key, current)
-    if len(order) == 1 or math.isinf(eps):
+    if len(order) == 1:
         return order[0]
-    cap = load_cap(sum(current.values()), len(order), eps, cost)
+    if capacity is not None:
+        with_seats = [r for r in order if current[r] + cost <= capacity]
+        if with_seats and len(with_seats) < len(order):
+            # The bound applies among the ranks with seats; the least loaded of
+            # them (never above the mean) satisfies it.
+            order = with_seats
+    if math.isinf(eps):
+        return order[0]
+    cap = load_cap(sum(current.values()), len(current), eps, cost)
     for rank in order:
         if current[rank] + cost <= cap:
             return rank
