@@ -96,6 +96,9 @@ from asyncbatch.bench.workloads import (  # noqa: E402
 )
 
 VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
+# --replay only: asyncbatch's routing without the seat check (which the first GPU
+# runs, benchmarks/results/dp-h200, did not have)
+REPLAY_VARIANTS = (*VARIANTS, "asyncbatch-noseats")
 BASELINE = "stock"
 ROUTING_ON = "data-parallel prefix routing on"
 ROUTING_OFF = "data-parallel prefix routing off"
@@ -312,12 +315,40 @@ def scrape(port: int, names: dict[str, str]) -> dict[str, dict[str, float]]:
         return {}
 
 
-class GaugeSampler:
-    """Samples running/waiting per engine every ``period_s`` in a thread."""
+def gpu_utilization_reader(num_gpus: int) -> Callable[[], list[float]] | None:
+    """NVML busy % of the GPUs of data-parallel ranks ``0..num_gpus-1`` (the
+    devices ``CUDA_VISIBLE_DEVICES`` names, in order, else devices 0..), or None
+    without NVML."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    try:
+        indices = ([int(x) for x in visible.split(",")][:num_gpus] if visible
+                   else list(range(num_gpus)))
+        import pynvml
 
-    def __init__(self, port: int, period_s: float) -> None:
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+        if len(handles) < num_gpus:
+            return None
+
+        def read() -> list[float]:
+            return [float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in handles]
+
+        read()
+        return read
+    except Exception:  # no NVML, no such device, or CUDA_VISIBLE_DEVICES by UUID
+        return None
+
+
+class GaugeSampler:
+    """Samples running/waiting per engine every ``period_s`` in a thread, and the
+    engines' GPUs' NVML busy % where ``gpu_reader`` is given."""
+
+    def __init__(self, port: int, period_s: float,
+                 gpu_reader: Callable[[], list[float]] | None = None) -> None:
         self.port, self.period_s = port, period_s
         self.samples: list[dict[str, dict[str, float]]] = []
+        self.gpu_reader = gpu_reader
+        self.gpu_samples: list[list[float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -326,6 +357,17 @@ class GaugeSampler:
             sample = scrape(self.port, GAUGES)
             if sample:
                 self.samples.append(sample)
+            if self.gpu_reader is not None:
+                with contextlib.suppress(Exception):
+                    self.gpu_samples.append(self.gpu_reader())
+
+    def mean_gpu_busy(self) -> dict[str, float]:
+        """Per engine (rank = GPU): mean NVML busy % over the samples."""
+        if not self.gpu_samples:
+            return {}
+        n = len(self.gpu_samples[0])
+        return {str(i): sum(s[i] for s in self.gpu_samples) / len(self.gpu_samples)
+                for i in range(n)}
 
     def __enter__(self) -> GaugeSampler:
         self._thread.start()
@@ -525,12 +567,15 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
     env = env if env is not None else plugin_env(work)
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
-        raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
+                         f"({', '.join(sorted(set(REPLAY_VARIANTS) - set(VARIANTS)))} only "
+                         "with --replay)")
     workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
     warmup = random_workload(Shape(groups=1, members=cfg.warmup_requests, prefix_len=64,
                                    suffix_len=16, output_len=8, seed=99,
                                    vocab=cfg.shape.vocab))
     order, sessions = server_sessions(cfg.variants, cfg.repeats, cfg.repeat_offset)
+    gpu_reader = gpu_utilization_reader(cfg.dp) if server_cmd is None else None
     runs: list[dict[str, Any]] = []
     for i, (kind, k, clients) in enumerate(sessions):
         port = free_port()
@@ -554,7 +599,7 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                     reset_prefix_cache(port)
                     time.sleep(cfg.settle_s)  # the coordinator's counts settle
                     before = scrape(port, COUNTERS)
-                    with GaugeSampler(port, cfg.sample_s) as sampler:
+                    with GaugeSampler(port, cfg.sample_s, gpu_reader) as sampler:
                         results, duration = run_client(
                             port, cfg.model.path, reqs, rate, seed=k * 1000 + 7,
                             rank_header=cfg.dp if variant == "hash-header" else None,
@@ -564,6 +609,10 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                     after = scrape(port, COUNTERS)
                     rec = run_record(results, duration, engine_deltas(before, after),
                                      sampler.mean_load())
+                    gpu_busy = sampler.mean_gpu_busy()
+                    rec["gpu_busy_pct"] = gpu_busy
+                    rec["imbalance_gpu_busy"] = (imbalance(list(gpu_busy.values()))
+                                                 if gpu_busy else math.nan)
                     rec.update(variant=variant, server=kind, repeat=k, order=i, workload=name,
                                rate=rate, startup_s=startup_s, routing=routing)
                     runs.append(rec)
@@ -578,6 +627,108 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
         progress(f"  server {kind} done in {time.monotonic() - t0:.0f} s")
     result = {"config": config_record(cfg, order), "runs": runs,
               "summary": summarize(runs, cfg.variants)}
+    write_outputs(result, cfg.out)
+    return result
+
+
+# ------------------------------------------------------------------ replay
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The simulated engines of ``--replay`` (`asyncbatch.sim.dp`)."""
+
+    num_kv_blocks: int = 56_057  # 896,912 tokens: an H200's KV cache at 8B, 0.9 utilization
+    max_num_batched_tokens: int = 8192
+    calibration: str | None = None  # default: asyncbatch.bench.replay's
+    publish_s: float = 0.1
+
+
+def replay_route(variant: str, cfg: Config) -> Any:
+    from asyncbatch.sim import dp as sim_dp
+
+    if variant in ("stock", "asyncbatch-norouting"):
+        return sim_dp.VllmBalancer()
+    if variant == "hash-header":
+        return lambda prompt, counts: header_rank(prompt, len(counts))
+    return sim_dp.PrefixRouter(
+        block_size=16, seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs)
+
+
+def replay_all(cfg: Config, settings: ReplaySettings, *,
+               progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The same A/B on CPU: each variant's scheduler (vLLM's or asyncbatch's, the
+    real classes) on ``cfg.dp`` simulated engines behind its front end's routing,
+    step times from a calibrated cost model (`asyncbatch.sim.dp`).  SIMULATED:
+    deterministic, one run per point; per-engine hits are the prompt tokens the
+    prefix cache held at each request's admission."""
+    from asyncbatch.bench.replay import load_cost_model, replay_model_dir
+    from asyncbatch.bench.variants import variant_settings
+    from asyncbatch.sim import dp as sim_dp
+
+    unknown = [v for v in cfg.variants if v not in REPLAY_VARIANTS]
+    if unknown:
+        raise BenchError(f"unknown variant(s) {unknown}; choose from "
+                         f"{', '.join(REPLAY_VARIANTS)}")
+    cost_model, cost_path = load_cost_model(settings.calibration)
+    model_dir = replay_model_dir()
+    workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
+    runs: list[dict[str, Any]] = []
+    for n, (variant, (name, rate)) in enumerate(
+            (v, point) for point in cfg.plan() for v in cfg.variants):
+        reqs = workloads[name]
+        times = arrivals(len(reqs), rate, 7)
+        arrival_list = [sim_dp.Arrival(t, f"{name}-{j}", r.prompt, r.max_tokens)
+                        for j, (t, r) in enumerate(zip(times, reqs, strict=True))]
+        asyncbatch = variant.startswith("asyncbatch")
+        additional = ({"asyncbatch": variant_settings("asyncbatch", None)}
+                      if asyncbatch else None)
+        t0 = time.monotonic()
+        sim = sim_dp.simulate(
+            arrival_list, replay_route(variant, cfg), num_engines=cfg.dp,
+            scheduler_cls=("asyncbatch.Scheduler" if asyncbatch
+                           else "vllm.v1.core.sched.async_scheduler.AsyncScheduler"),
+            cost_model=cost_model, model_dir=model_dir, num_blocks=settings.num_kv_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_model_len=cfg.max_model_len, additional_config=additional,
+            publish_s=settings.publish_s)
+        results = []
+        for a, r in zip(arrival_list, reqs, strict=True):
+            rt = sim.requests[a.request_id]
+            results.append(Result(True, (rt.first_token_s or 0.0) - rt.arrival_s,
+                                  (rt.finish_s or 0.0) - rt.arrival_s, rt.output_tokens,
+                                  len(r.prompt)))
+        engines = {}
+        for e, c in enumerate(sim.engines):
+            computed = c.prompt_tokens - c.cached_prompt_tokens
+            engines[str(e)] = {
+                "requests": float(c.requests), "prompt_tokens": float(c.prompt_tokens),
+                "generation_tokens": float(c.generation_tokens),
+                "prefix_cache_queries": float(c.prompt_tokens),
+                "prefix_cache_hits": float(c.cached_prompt_tokens),
+                "preemptions": float(c.preemptions),
+                "computed_prompt_tokens": float(computed),
+                "computed_tokens": float(computed + c.generation_tokens),
+                "hit_rate": c.cached_prompt_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
+                "gpu_busy_s": c.busy_s, "max_running": float(c.max_running)}
+        rec = run_record(results, sim.duration_s, engines,
+                         {str(e): v for e, v in enumerate(sim.mean_load)})
+        rec["imbalance_gpu_busy"] = imbalance([c.busy_s for c in sim.engines])
+        rec.update(variant=variant, server=variant, repeat=0, order=n, workload=name,
+                   rate=rate, startup_s=0.0, routing="simulated", source="replay",
+                   replay_cpu_s=time.monotonic() - t0)
+        runs.append(rec)
+        progress(f"  {variant} {name}@{rate:g}: {rec['request_throughput']:.2f} req/s "
+                 f"(simulated), TTFT p50 {rec['ttft_p50_ms']:.0f} ms, computed prompt "
+                 f"{rec['computed_prompt_tokens']:.0f}, requests per engine "
+                 f"{[int(e['requests']) for e in engines.values()]}, max running "
+                 f"{[int(e['max_running']) for e in engines.values()]} "
+                 f"({rec['replay_cpu_s']:.0f} s)")
+    order = [(v, 0) for v in cfg.variants]
+    config = {**config_record(cfg, order), "replay": {**asdict(settings),
+                                                      "calibration": cost_path}}
+    config["serve_args"] = {}
+    result = {"config": config, "runs": runs, "summary": summarize(runs, cfg.variants)}
     write_outputs(result, cfg.out)
     return result
 
@@ -668,7 +819,7 @@ def config_record(cfg: Config, order: list[tuple[str, int]]) -> dict[str, Any]:
 
 METRICS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
            "prefix_cache_hits", "computed_prompt_tokens", "imbalance_requests",
-           "imbalance_computed_tokens", "imbalance_mean_load")
+           "imbalance_computed_tokens", "imbalance_mean_load", "imbalance_gpu_busy")
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
@@ -684,7 +835,9 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
                   and r["variant"] == v]
             if not rs:
                 continue
-            section[v] = {m: statistics.median(float(r[m]) for r in rs) for m in METRICS}
+            # imbalance_gpu_busy: --replay only (NaN in GPU runs)
+            section[v] = {m: statistics.median(float(r.get(m, math.nan)) for r in rs)
+                          for m in METRICS}
             section[v]["n"] = len(rs)
             section[v]["sources"] = sorted({str(r.get("source", "")) for r in rs})
             section[v]["throughput_range"] = [min(r["request_throughput"] for r in rs),
@@ -720,8 +873,16 @@ def checks(summary: dict[str, Any]) -> dict[str, Any]:
             result[f"{key} throughput >= 0.98x stock"] = {
                 "value": a["throughput_vs_stock"], "pass": a["throughput_vs_stock"] >= 0.98}
         if key.startswith("hot@"):
-            worst = max(a["imbalance_requests"], a["imbalance_computed_tokens"])
-            result[f"{key} busiest engine <= 1.3x"] = {"value": worst, "pass": worst <= 1.3}
+            # busier = GPU busy time (NVML on GPUs, the cost model in --replay); where
+            # it was not sampled, the larger of requests and tokens computed
+            busy = a.get("imbalance_gpu_busy", math.nan)
+            if not math.isnan(busy):
+                result[f"{key} busiest engine <= 1.3x (GPU busy)"] = {
+                    "value": busy, "pass": busy <= 1.3}
+            else:
+                worst = max(a["imbalance_requests"], a["imbalance_computed_tokens"])
+                result[f"{key} busiest engine <= 1.3x (requests, tokens computed)"] = {
+                    "value": worst, "pass": worst <= 1.3}
         if key.startswith("prefix@") and "stock" in section:
             result[f"{key} prefix-cache hits vs stock"] = {
                 "value": (a["prefix_cache_hits"] / section["stock"]["prefix_cache_hits"]
@@ -732,20 +893,30 @@ def checks(summary: dict[str, Any]) -> dict[str, Any]:
 
 def summary_markdown(result: dict[str, Any]) -> str:
     cfg, summary = result["config"], result["summary"]
+    replay = cfg.get("replay")
     lines = [
-        "# Data-parallel A/B: prefix routing vs vLLM's balancing", "",
+        "# Data-parallel A/B: prefix routing vs vLLM's balancing"
+        + (" (SIMULATED)" if replay else ""), ""]
+    if replay:
+        lines += [
+            f"SIMULATED: the real schedulers on {cfg['dp']} simulated engines "
+            f"(`asyncbatch.sim.dp`), step times from `{Path(replay['calibration']).name}`, "
+            f"{replay['num_kv_blocks']} KV blocks per engine, coordinator updates every "
+            f"{replay['publish_s']} s.", ""]
+    lines += [
         f"Model `{cfg['model']['path']}` ({cfg['model']['load_format']} weights), "
         f"data-parallel size {cfg['dp']}, variants in order "
         f"{' '.join(v for v, _ in cfg['order'])}; workload shape {cfg['shape']}.",
         "Medians over repeats; throughput range in brackets; TTFT in ms; hits and computed "
         "prompt tokens summed over engines; imbalance = busiest / least busy engine "
-        "(requests finished, tokens computed, mean running + waiting).", ""]
+        "(requests finished, tokens computed, mean running + waiting, and GPU busy time "
+        "where sampled: NVML, or the cost model's in a replay).", ""]
     for key, section in summary.items():
         if key == "checks":
             continue
         lines += [f"## {key}", "",
                   "| variant | req/s | vs stock | out tok/s | TTFT p50 | TTFT p99 | hits | "
-                  "computed prompt | imbalance req / tok / load |",
+                  "computed prompt | imbalance req / tok / load (/ GPU busy) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for v, s in section.items():
             lo, hi = s["throughput_range"]
@@ -755,7 +926,9 @@ def summary_markdown(result: dict[str, Any]) -> str:
                 f"{s['output_throughput']:.0f} | {s['ttft_p50_ms']:.0f} | "
                 f"{s['ttft_p99_ms']:.0f} | {s['prefix_cache_hits']:.0f} | "
                 f"{s['computed_prompt_tokens']:.0f} | {s['imbalance_requests']:.2f} / "
-                f"{s['imbalance_computed_tokens']:.2f} / {s['imbalance_mean_load']:.2f} |")
+                f"{s['imbalance_computed_tokens']:.2f} / {s['imbalance_mean_load']:.2f}"
+                + ("" if math.isnan(s.get("imbalance_gpu_busy", math.nan))
+                   else f" / {s['imbalance_gpu_busy']:.2f}") + " |")
         sources = {tuple(s.get("sources", ())) for s in section.values()}
         if len(sources) > 1:
             lines += ["", "Variants measured in different commands (servers on another "
@@ -792,7 +965,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if metric == "imbalance_requests":
             ax.axhline(1.3, color="k", lw=0.8, ls="--")
     axes[0].legend(fontsize=8, ncol=len(variants))
-    fig.suptitle(f"data parallel {result['config']['dp']}: "
+    fig.suptitle(("SIMULATED " if result["config"].get("replay") else "")
+                 + f"data parallel {result['config']['dp']}: "
                  f"{Path(result['config']['model']['path']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -842,6 +1016,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, nargs="+", metavar="RUNS_JSON",
                    help="start no server: summarize the runs in these files (results.json "
                         "or runs-partial.json of earlier commands) into --out")
+    p.add_argument("--replay", action="store_true",
+                   help="no GPU: the same A/B with the real schedulers on simulated engines "
+                        "(asyncbatch.sim.dp); SIMULATED numbers")
+    p.add_argument("--replay-kv-blocks", type=int, default=ReplaySettings.num_kv_blocks,
+                   help="--replay: KV blocks of 16 tokens per engine (default %(default)s, "
+                        "an H200 at 8B; smaller puts the engines under KV pressure)")
+    p.add_argument("--calibration", default=None,
+                   help="--replay: cost model JSON (default: the replay's h100-llama-8b)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model shape, 4 groups x 4 members of 256-token "
                         "prefixes, one rate and saturation, one server per variant, eager")
@@ -882,7 +1064,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     with procs.sigterm_raises():
         try:
-            result = merge(cfg, args.merge) if args.merge else run_all(cfg)
+            if args.merge:
+                result = merge(cfg, args.merge)
+            elif args.replay:
+                result = replay_all(cfg, ReplaySettings(num_kv_blocks=args.replay_kv_blocks,
+                                                        calibration=args.calibration))
+            else:
+                result = run_all(cfg)
         except BenchError as e:
             print(f"dp_ab: {e}", file=sys.stderr)
             return 1

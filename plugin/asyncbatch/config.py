@@ -213,6 +213,17 @@ class AsyncBatchConfig(BaseModel):
             "is tried. With 2 engines, 0.1 keeps the busier within about 1.22x the other."
         ),
     )
+    dp_load_slack: float = Field(
+        default=8.0,
+        ge=0.0,
+        description=(
+            "Requests an engine may always hold above the mean load, whatever "
+            "dp_load_bound allows: at low load ((1 + eps) x the mean is the mean plus a "
+            "request or two) the bound alone would split prefix groups over differences "
+            "that cost nothing. Split evenly over the API servers, as vLLM's load view is. "
+            "0: the relative bound alone."
+        ),
+    )
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> AsyncBatchConfig:

@@ -205,3 +205,48 @@ def test_merge_summarizes_runs_of_several_commands(dp_ab, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(dp_ab.BenchError, match="no dp_ab runs"):
         dp_ab.load_runs([tmp_path / "bad.json"])
+
+
+@pytest.mark.vllm
+def test_replay_runs_the_same_ab_on_simulated_engines(dp_ab, tmp_path, model_dir):
+    from asyncbatch.bench.models import ModelSpec
+
+    shape = dp_ab.Shape(groups=6, members=4, prefix_len=128, suffix_len=16, output_len=4,
+                        vocab=1000)
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out",
+                       shape=shape, rates=[100.0, math.inf], random_rates=[], hot_rates=[],
+                       variants=["stock", "asyncbatch", "asyncbatch-noseats"],
+                       max_num_seqs=12, max_model_len=1024)
+    result = dp_ab.replay_all(cfg, dp_ab.ReplaySettings(num_kv_blocks=256),
+                              progress=lambda m: None)
+    section = result["summary"]["prefix@100"]  # members arrive after their prefix is cached
+    assert section["asyncbatch"]["computed_prompt_tokens"] < \
+        section["stock"]["computed_prompt_tokens"]
+    assert all(r["completed"] == 24 for r in result["runs"])
+    runs = {r["variant"]: r for r in result["runs"] if math.isinf(r["rate"])}
+    # 24 requests at once on two engines of 12 seats: the seats keep both at 12
+    assert sorted(e["requests"] for e in runs["asyncbatch"]["engines"].values()) == [12, 12]
+    assert (tmp_path / "out" / "summary.md").read_text().startswith(
+        "# Data-parallel A/B: prefix routing vs vLLM's balancing (SIMULATED)")
+    with pytest.raises(dp_ab.BenchError, match="only\\s+with --replay"):
+        dp_ab.run_all(dp_ab.Config(model=cfg.model, out=tmp_path / "gpu",
+                                   variants=["asyncbatch-noseats"]),
+                      server_cmd=lambda v, p: [], env={})
+
+
+def test_gpu_busy_sampling_decides_the_hot_prefix_check(dp_ab):
+    import time
+
+    from asyncbatch.bench.online import free_port
+
+    with dp_ab.GaugeSampler(free_port(), 0.01, lambda: [50.0, 80.0]) as sampler:
+        time.sleep(0.2)
+    assert sampler.mean_gpu_busy() == {"0": 50.0, "1": 80.0}
+    section = {"asyncbatch": {"imbalance_gpu_busy": 1.6, "imbalance_requests": 1.0,
+                              "imbalance_computed_tokens": 1.0}}
+    checks = dp_ab.checks({"hot@inf": section})
+    assert checks == {"hot@inf busiest engine <= 1.3x (GPU busy)": {"value": 1.6,
+                                                                    "pass": False}}
+    section["asyncbatch"]["imbalance_gpu_busy"] = math.nan
+    assert list(dp_ab.checks({"hot@inf": section})) == [
+        "hot@inf busiest engine <= 1.3x (requests, tokens computed)"]

@@ -185,6 +185,21 @@ def test_a_full_engine_gives_way_to_one_with_a_free_seat(hooked, client_count):
     assert rank_of(client, engine) == first
 
 
+@pytest.mark.parametrize("slack, stays", [(None, True), (0, False)])
+def test_at_low_load_the_slack_keeps_a_group_on_its_engine(hooked, slack, stays):
+    """Its first choice holds 6 requests, the other 2: the bound alone (cap
+    ceil(1.1 * 9 / 2) = 5) moves the group; the default slack of 8 keeps it."""
+    settings = {} if slack is None else {"dp_load_slack": slack}
+    client = make_client(hooked, 2, settings=settings)
+    tokens = list(range(2, 300))
+    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
+    counts = [[0, 0], [0, 0]]
+    counts[first], counts[1 - first] = [0, 6], [0, 2]
+    coordinator_update(client, counts)
+    engine = client.get_core_engine_for_request(make_request("x", tokens))
+    assert (rank_of(client, engine) == first) is stays
+
+
 def test_an_explicit_rank_wins(hooked):
     client = make_client(hooked, 2)
     for i, (_, _, tokens) in enumerate(group_prompts(4, 2)):

@@ -303,3 +303,42 @@ def test_a_burst_that_fills_the_engines_leaves_nobody_waiting_for_a_seat():
 def test_capacity_below_one_request_is_an_error():
     with pytest.raises(ValueError, match="capacity"):
         rank_for(key_of(1), [0, 0], capacity=0.5)
+
+
+# ------------------------------------------------------------ slack
+
+@given(keys, st.integers(2, 8), eps_values, st.integers(0, 16), st.data())
+def test_slack_keeps_a_key_on_its_rank_up_to_the_mean_plus_slack(key, n, eps, slack, data):
+    loads = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
+    top = hrw_order(key, range(n))[0]
+    total = sum(loads)
+    cap = max(math.ceil((1 + eps) * (total + 1) / n), math.ceil((total + 1) / n) + slack)
+    assert load_cap(total, n, eps, 1.0, slack) == cap
+    chosen = rank_for(key, loads, eps, slack=slack)
+    assert loads[chosen] + 1 <= cap
+    if loads[top] + 1 <= cap:
+        assert chosen == top
+    if slack == 0:
+        assert chosen == rank_for(key, loads, eps)
+
+
+@given(st.integers(2, 6), st.sampled_from([0.1, 0.25]), st.integers(1, 16),
+       st.integers(0, 10**6))
+@settings(max_examples=40, deadline=None)
+def test_with_slack_the_busiest_rank_stays_within_mean_plus_slack(n, eps, slack, seed):
+    import random
+
+    rng = random.Random(seed)
+    hot = key_of(seed)
+    loads = [0] * n
+    for _ in range(400):
+        k = hot if rng.random() < 0.5 else key_of(rng.randrange(10**9))
+        loads[rank_for(k, loads, eps, slack=slack)] += 1
+        total = sum(loads)
+        assert max(loads) <= max(math.ceil((1 + eps) * total / n),
+                                 math.ceil(total / n) + slack)
+
+
+def test_negative_slack_is_an_error():
+    with pytest.raises(ValueError, match="slack"):
+        rank_for(key_of(1), [0, 0], slack=-1)

@@ -60,6 +60,8 @@ class Router:
     load_bound: float
     # requests an engine runs at once (max_num_seqs); None: no seat limit
     seats: int | None = None
+    # requests an engine may hold above the mean (dp_load_slack)
+    slack: float = 0.0
 
     def key(self, request: Any) -> bytes | None:
         tokens = getattr(request, "prompt_token_ids", None)
@@ -81,10 +83,10 @@ class Router:
         key = self.key(request)
         if key is None or not loads:
             return None
-        capacity = None
-        if self.seats:
-            capacity = max(1.0, self.seats / max(1, client_count))
-        return rank_for(key, loads, self.load_bound, capacity=capacity)
+        clients = max(1, client_count)
+        capacity = max(1.0, self.seats / clients) if self.seats else None
+        return rank_for(key, loads, self.load_bound, capacity=capacity,
+                        slack=self.slack / clients)
 
 
 def _mm_identifiers(request: Any, covered: int) -> list[str]:
@@ -118,12 +120,14 @@ def decide(vllm_config: Any, num_engines: int) -> tuple[Router | None, str]:
     seats = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None)
     router = Router(block_size=int(block_size), prefix_tokens=settings.dp_prefix_tokens,
                     load_bound=settings.dp_load_bound,
-                    seats=int(seats) if isinstance(seats, int) and seats > 0 else None)
+                    seats=int(seats) if isinstance(seats, int) and seats > 0 else None,
+                    slack=settings.dp_load_slack)
     covered = key_length(settings.dp_prefix_tokens, router.block_size,
                          settings.dp_prefix_tokens)
     return router, (f"dp_routing {settings.dp_routing!r}: key = first {covered} tokens "
                     f"(blocks of {router.block_size}), load bound 1 + {settings.dp_load_bound:g}"
-                    f", {router.seats or 'unlimited'} seats per engine")
+                    f" with a slack of {settings.dp_load_slack:g} requests, "
+                    f"{router.seats or 'unlimited'} seats per engine")
 
 
 def router_of(client: Any) -> Router | None:

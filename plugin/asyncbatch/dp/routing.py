@@ -30,7 +30,10 @@ SODA 2018).  A hot prefix fills its first rank up to the bound and overflows to
 its second choice, then its third, so no rank carries more than ``1 + eps``
 times the mean plus one request; keys whose first rank is under the bound are
 not moved.  With integer loads some rank always satisfies the bound; should
-none (fractional loads), the least loaded rank takes the request.
+none (fractional loads), the least loaded rank takes the request.  A ``slack``
+raises the cap to at least ``ceil(mean) + slack``: at low load (a few requests
+per rank) the relative bound alone would move groups over differences of a
+request or two, which cost nothing while the engines have room.
 
 **Seats** (``capacity``, optional): the most requests an engine runs at once
 (vLLM's ``max_num_seqs``).  While some rank has a free seat, only ranks with a
@@ -52,8 +55,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "DEFAULT_LOAD_BOUND", "DEFAULT_PREFIX_TOKENS", "KEY_SIZE", "hrw_order", "key_length",
-    "load_cap", "prefix_key", "rank_for",
+    "DEFAULT_LOAD_BOUND", "DEFAULT_LOAD_SLACK", "DEFAULT_PREFIX_TOKENS", "KEY_SIZE", "hrw_order",
+    "key_length", "load_cap", "prefix_key", "rank_for",
 ]
 
 # Default ``eps`` of the load bound.  With two ranks the busier holds at most
@@ -62,6 +65,11 @@ __all__ = [
 # holds the prefix too, so a tight bound costs one extra prefill per overflowing
 # group, not one per request.
 DEFAULT_LOAD_BOUND = 0.1
+# Default slack: an engine may always hold this many requests above the mean.
+# At low load the relative bound is a request or two; in a CPU simulation of two
+# engines (benchmarks/results/dp-replay) 0 recomputed 44 of 64 shared prefixes a
+# second time at ~8 requests in flight per engine, 8 none.
+DEFAULT_LOAD_SLACK = 8.0
 # Default key length in tokens: 4 KV blocks of 16.  Long enough to pass the
 # chat-template header (about 25-40 tokens for Llama 3 or Qwen 2.5) and reach
 # the text that tells conversations apart, short enough that consecutive turns
@@ -133,10 +141,13 @@ def hrw_order(key: bytes, ranks: Iterable[int]) -> list[int]:
     return sorted(ranks, key=lambda r: (-_weight(key, r), r))
 
 
-def load_cap(total: float, num_ranks: int, eps: float, cost: float = 1.0) -> float:
+def load_cap(total: float, num_ranks: int, eps: float, cost: float = 1.0,
+             slack: float = 0.0) -> float:
     """Most load a rank may hold after taking a request: ``ceil((1 + eps) *
-    (total + cost) / num_ranks)``."""
-    return float(math.ceil((1.0 + eps) * (total + cost) / num_ranks))
+    mean)``, and at least ``ceil(mean) + slack``, with ``mean = (total + cost) /
+    num_ranks``."""
+    relative = math.ceil((1.0 + eps) * (total + cost) / num_ranks)
+    return float(max(relative, math.ceil((total + cost) / num_ranks) + slack))
 
 
 def _as_mapping(loads: Sequence[float] | Mapping[int, float]) -> Mapping[int, float]:
@@ -147,7 +158,8 @@ def _as_mapping(loads: Sequence[float] | Mapping[int, float]) -> Mapping[int, fl
 
 def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
              eps: float = DEFAULT_LOAD_BOUND, *, cost: float = 1.0,
-             explicit: int | None = None, capacity: float | None = None) -> int:
+             explicit: int | None = None, capacity: float | None = None,
+             slack: float = 0.0) -> int:
     """The rank that serves a request.
 
     Args:
@@ -162,6 +174,9 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         capacity: seats per rank, in the units of ``loads``; while a rank has
             ``load + cost <= capacity``, ranks without a free seat do not
             qualify.  None: no seat limit.
+        slack: a rank may always hold ``slack`` more than the mean (rounded
+            up), in the units of ``loads``: at low load the relative bound
+            alone would move a group over a difference of a request or two.
 
     Raises:
         ValueError: no ranks, a negative ``eps`` or a capacity below ``cost``.
@@ -173,6 +188,8 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         raise ValueError("no data-parallel ranks to route to")
     if eps < 0:
         raise ValueError(f"the load bound eps must be >= 0, got {eps}")
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
     if capacity is not None and capacity < cost:
         raise ValueError(f"capacity {capacity} is below the cost of one request ({cost})")
     current = {r: max(0.0, float(v)) for r, v in view.items()}
@@ -189,7 +206,7 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
             order = with_seats
     if math.isinf(eps):
         return order[0]
-    cap = load_cap(sum(current.values()), len(current), eps, cost)
+    cap = load_cap(sum(current.values()), len(current), eps, cost, slack)
     for rank in order:
         if current[rank] + cost <= cap:
             return rank

@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Data parallelism on CPU: several real vLLM schedulers, each driven by a
+`SimEngine`, behind a front end that routes arriving requests as vLLM's
+data-parallel client does (or as asyncbatch's prefix routing does), on a
+simulated clock.
+
+Time: every engine steps two batches deep with step times from a
+`CostModel`, as `asyncbatch.sim.costmodel.timeline` describes for one engine:
+a step's host work starts when the engine's call for it starts and cannot
+start before the output of the step two back is processed; the GPU runs the
+engine's steps back to back.  The engine whose next call comes first steps
+next; a request is routed when the simulated clock reaches its arrival time,
+before any engine steps past it.
+
+Load view: what vLLM's client sees (vLLM 0.26-0.32): each engine's
+``(waiting, running)`` as the coordinator published it (every
+``publish_s`` of simulated time), plus one waiting request for every request
+this front end routed since.  One front end (one API server).
+
+Everything is deterministic: the same inputs give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncbatch.dp.routing import (
+    DEFAULT_LOAD_BOUND,
+    DEFAULT_LOAD_SLACK,
+    DEFAULT_PREFIX_TOKENS,
+    prefix_key,
+    rank_for,
+)
+from asyncbatch.sim.costmodel import CostModel, step_features
+
+# A front end's choice: (prompt token ids, [[waiting, running], ...]) -> rank
+Route = Callable[[Sequence[int], list[list[float]]], int]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    time_s: float
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class RequestTimes:
+    arrival_s: float
+    engine: int
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    output_tokens: int = 0
+
+
+@dataclass
+class EngineCounters:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    max_running: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class DPSimResult:
+    requests: dict[str, RequestTimes]
+    engines: list[EngineCounters]
+    duration_s: float
+    # per engine, the time-averaged waiting + running over [0, duration]
+    mean_load: list[float] = field(default_factory=list)
+
+
+class VllmBalancer:
+    """vLLM's ``DPLBAsyncMPClient.get_core_engine_for_request`` (0.26-0.32):
+    the lowest ``4 * waiting + running``, the scan starting one engine later
+    after every request, and one more waiting request counted locally."""
+
+    def __init__(self) -> None:
+        self.start = 0
+
+    def __call__(self, prompt: Sequence[int], counts: list[list[float]]) -> int:
+        n = len(counts)
+        best, chosen = math.inf, 0
+        for i in range(n):
+            idx = (self.start + i) % n
+            score = counts[idx][0] * 4 + counts[idx][1]
+            if score < best:
+                best, chosen = score, idx
+        self.start = (self.start + 1) % n
+        return chosen
+
+
+class PrefixRouter:
+    """asyncbatch's routing (`asyncbatch.dp.routing.rank_for`) on the same view:
+    load = waiting + running, ``seats`` requests per engine (None: no limit)."""
+
+    def __init__(self, *, block_size: int = 16, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+                 eps: float = DEFAULT_LOAD_BOUND, seats: int | None = None,
+                 slack: float = DEFAULT_LOAD_SLACK) -> None:
+        self.block_size, self.prefix_tokens = block_size, prefix_tokens
+        self.eps, self.seats, self.slack = eps, seats, slack
+        self._balance = VllmBalancer()
+
+    def __call__(self, prompt: Sequence[int], counts: list[list[float]]) -> int:
+        key = prefix_key(prompt, block_size=self.block_size, prefix_tokens=self.prefix_tokens)
+        if key is None:
+            return self._balance(prompt, counts)
+        return rank_for(key, [w + r for w, r in counts], self.eps,
+                        capacity=float(self.seats) if self.seats else None, slack=self.slack)
+
+
+class _Engine:
+    def __init__(self, index: int, scheduler: Any, cost_model: CostModel, depth: int) -> None:
+        from asyncbatch.sim.engine import SimEngine
+
+        self.index = index
+        self.scheduler = scheduler
+        self.cost = cost_model
+        self.clock = 0.0  # when the engine's next call starts
+        self.gpu_end = 0.0  # GPU end of the last step scheduled
+        self.host_done = 0.0
+        self.ends: deque[float] = deque()  # GPU end of each step in flight, oldest first
+        self.recent: deque[float] = deque(maxlen=depth)  # ends of the last `depth` steps
+        self.completed_at = 0.0
+        self.counters = EngineCounters()
+        self._schedule = scheduler.schedule
+        self._update = scheduler.update_from_output
+        scheduler.schedule = self._timed_schedule
+        scheduler.update_from_output = self._timed_update
+        self.on_output: Callable[[Any, float], None] = lambda out, t: None
+        self.sim = SimEngine(scheduler, max_in_flight=depth)
+
+    def _timed_schedule(self) -> Any:
+        out = self._schedule()
+        f = step_features(self.scheduler, out)
+        g = self.cost.gpu_time(f)
+        # host work for this step starts with the call, and not before the
+        # output of the step `depth` back is processed
+        gate = self.recent[0] if len(self.recent) == self.recent.maxlen else 0.0
+        self.host_done = max(self.host_done, self.clock, gate) + self.cost.host_step_s
+        self.gpu_end = max(self.gpu_end, self.host_done) + g
+        self.counters.busy_s += g
+        self.ends.append(self.gpu_end)
+        self.recent.append(self.gpu_end)
+        self.counters.max_running = max(self.counters.max_running, len(self.scheduler.running))
+        return out
+
+    def _timed_update(self, scheduler_output: Any, model_output: Any) -> Any:
+        t = self.ends.popleft()
+        self.completed_at = t
+        result = self._update(scheduler_output, model_output)
+        for eco in result.values():
+            for o in eco.outputs:
+                self.on_output(o, t)
+        return result
+
+    def step(self) -> None:
+        self.completed_at = self.clock
+        before = self.sim.stats.num_preemptions
+        self.sim.step()
+        self.counters.preemptions += self.sim.stats.num_preemptions - before
+        # the next call starts once this one has processed the step it waited for
+        self.clock = max(self.clock, self.completed_at)
+
+    def has_work(self) -> bool:
+        return self.sim.has_work()
+
+    def counts(self) -> list[float]:
+        running, waiting = self.scheduler.get_request_counts()
+        return [float(waiting), float(running)]
+
+
+def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
+             scheduler_cls: str, cost_model: CostModel, model_dir: str | Path,
+             num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
+             max_num_batched_tokens: int = 8192, max_model_len: int = 8192,
+             additional_config: dict[str, Any] | None = None, publish_s: float = 0.1,
+             depth: int = 2, progress: Callable[[int], None] | None = None) -> DPSimResult:
+    """Serve ``arrivals`` on ``num_engines`` simulated engines, each running
+    ``scheduler_cls`` over ``num_blocks`` KV blocks, routed by ``route``."""
+    from asyncbatch.sim.engine import build_scheduler, make_request
+
+    if num_engines < 1:
+        raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    engines = []
+    for i in range(num_engines):
+        scheduler = build_scheduler(
+            model_dir, scheduler_cls, num_blocks=num_blocks, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enable_prefix_caching=True,
+            additional_config=additional_config, async_scheduling=True)
+        engines.append(_Engine(i, scheduler, cost_model, depth))
+    times: dict[str, RequestTimes] = {}
+
+    def on_output(engine: _Engine) -> Callable[[Any, float], None]:
+        def record(o: Any, t: float) -> None:
+            rt = times[o.request_id]
+            if o.new_token_ids:
+                rt.output_tokens += len(o.new_token_ids)
+                engine.counters.generation_tokens += len(o.new_token_ids)
+                if rt.first_token_s is None:
+                    rt.first_token_s = t
+            if o.prefill_stats is not None:
+                engine.counters.prompt_tokens += o.prefill_stats.num_prompt_tokens
+                engine.counters.cached_prompt_tokens += o.prefill_stats.num_cached_tokens
+            if o.finish_reason is not None:
+                rt.finish_s = t
+                if progress is not None:
+                    progress(1)
+        return record
+
+    for e in engines:
+        e.on_output = on_output(e)
+    pending = sorted(arrivals, key=lambda a: a.time_s)
+    view = [e.counts() for e in engines]
+    published = -math.inf
+    load_area = [0.0] * num_engines
+    last_t = 0.0
+
+    def account(t: float) -> None:
+        nonlocal last_t
+        if t > last_t:
+            for i, e in enumerate(engines):
+                w, r = e.counts()
+                load_area[i] += (w + r) * (t - last_t)
+            last_t = t
+
+    i = 0
+    while True:
+        busy = [e for e in engines if e.has_work()]
+        if not busy and i >= len(pending):
+            break
+        nxt = min(busy, key=lambda e: (e.clock, e.index)) if busy else None
+        if i < len(pending) and (nxt is None or pending[i].time_s <= nxt.clock):
+            a = pending[i]
+            i += 1
+            account(a.time_s)
+            if a.time_s - published >= publish_s:
+                view = [e.counts() for e in engines]
+                published = a.time_s
+            rank = route(a.prompt, view)
+            if not 0 <= rank < num_engines:
+                raise ValueError(f"route chose engine {rank} of {num_engines}")
+            view[rank][0] += 1
+            engine = engines[rank]
+            if not engine.has_work():
+                engine.clock = max(engine.clock, a.time_s)
+            times[a.request_id] = RequestTimes(a.time_s, rank)
+            engine.counters.requests += 1
+            engine.sim.add_request(make_request(a.request_id, list(a.prompt),
+                                                max_tokens=a.max_tokens,
+                                                block_size=block_size, ignore_eos=True))
+            continue
+        assert nxt is not None
+        account(nxt.clock)
+        nxt.step()
+    unfinished = [rid for rid, rt in times.items() if rt.finish_s is None]
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} requests did not finish, e.g. {unfinished[0]}")
+    duration = max((rt.finish_s or 0.0) for rt in times.values()) if times else 0.0
+    account(duration)
+    return DPSimResult(times, [e.counters for e in engines], duration,
+                       [a / duration if duration else 0.0 for a in load_area])

@@ -1,0 +1,126 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The data-parallel simulation (asyncbatch.sim.dp): real vLLM schedulers behind a
+simulated front end, on a simulated clock."""
+
+import random
+
+import pytest
+
+from asyncbatch.bench.workloads import BenchRequest
+from asyncbatch.sim.costmodel import CostModel
+
+pytestmark = pytest.mark.vllm
+
+ASYNC = "vllm.v1.core.sched.async_scheduler.AsyncScheduler"
+COST = CostModel(gpu_step_s=0.004, prefill_token_s=2e-6, decode_seq_s=2e-5, kv_token_s=1e-8,
+                 host_step_s=0.002)
+
+
+def group_arrivals(groups=6, members=4, prefix_len=128, suffix_len=16, out=6, rate=None,
+                   seed=0):
+    from asyncbatch.sim.dp import Arrival
+
+    rng = random.Random(seed)
+    reqs = []
+    for g in range(groups):
+        prefix = [rng.randrange(2, 1000) for _ in range(prefix_len)]
+        for m in range(members):
+            reqs.append((f"g{g}m{m}", prefix + [rng.randrange(2, 1000) for _ in range(suffix_len)]))
+    rng.shuffle(reqs)
+    t, out_list = 0.0, []
+    for rid, prompt in reqs:
+        out_list.append(Arrival(t, rid, prompt, out))
+        if rate:
+            t += rng.expovariate(rate)
+    return out_list
+
+
+def run(model_dir, arrivals, route, *, engines=2, scheduler=ASYNC, **kw):
+    from asyncbatch.sim.dp import simulate
+
+    kw.setdefault("num_blocks", 512)
+    kw.setdefault("max_num_seqs", 32)
+    kw.setdefault("max_num_batched_tokens", 1024)
+    return simulate(arrivals, route, num_engines=engines, scheduler_cls=scheduler,
+                    cost_model=COST, model_dir=model_dir, **kw)
+
+
+def groups_per_engine(result):
+    pairs = {(rid.split("m")[0], rt.engine) for rid, rt in result.requests.items()}
+    return len(pairs)
+
+
+def test_one_engine_matches_the_single_engine_replay(model_dir):
+    """All requests at time 0 on one engine: the same steps and the same clock
+    as the replay's two-in-flight timeline."""
+    from asyncbatch.bench.replay import ReplayConfig, run_variant
+    from asyncbatch.sim.dp import VllmBalancer
+
+    arrivals = group_arrivals(groups=4, members=3)
+    result = run(model_dir, arrivals, VllmBalancer(), engines=1)
+    requests = [BenchRequest(a.request_id, a.prompt, a.max_tokens) for a in arrivals]
+    replay = run_variant("async", requests, COST, ReplayConfig(
+        num_blocks=512, max_num_seqs=32, max_num_batched_tokens=1024))
+    # the replay's p99 of 12 end-to-end latencies is their maximum: the last finish
+    assert 1000 * result.duration_s == pytest.approx(replay["p99_e2el_ms"], rel=1e-9)
+    first_tokens = [rt.first_token_s for rt in result.requests.values()]
+    assert 1000 * sum(first_tokens) / len(first_tokens) == pytest.approx(
+        replay["mean_ttft_sim_ms"], rel=1e-9)
+    assert sum(rt.output_tokens for rt in result.requests.values()) == \
+        replay["total_output_tokens"]
+    assert result.engines[0].requests == len(arrivals)
+
+
+def test_prefix_routing_keeps_groups_together_and_vllm_does_not(model_dir):
+    from asyncbatch.sim.dp import PrefixRouter, VllmBalancer
+
+    arrivals = group_arrivals(groups=6, members=4, rate=40.0)
+    stock = run(model_dir, arrivals, VllmBalancer())
+    routed = run(model_dir, arrivals, PrefixRouter(seats=32, eps=1.0),
+                 scheduler="asyncbatch.Scheduler")
+    assert groups_per_engine(stock) > 6 + 3  # vLLM's balancing splits most groups
+    assert groups_per_engine(routed) < groups_per_engine(stock)
+
+    def computed(r):
+        return sum(e.prompt_tokens - e.cached_prompt_tokens for e in r.engines)
+
+    assert computed(routed) < computed(stock)
+    for r in (stock, routed):
+        assert all(rt.finish_s is not None and rt.first_token_s is not None
+                   and rt.arrival_s <= rt.first_token_s <= rt.finish_s
+                   for rt in r.requests.values())
+        assert sum(e.requests for e in r.engines) == len(arrivals)
+
+
+def test_seats_keep_a_burst_off_a_full_engine(model_dir):
+    """A burst of 48 requests on two engines of 24 seats: with the seats neither
+    engine holds more than 24; without them the bound lets one go over."""
+    from asyncbatch.sim.dp import PrefixRouter
+
+    arrivals = group_arrivals(groups=12, members=4, prefix_len=32, suffix_len=16, seed=5)
+    with_seats = run(model_dir, arrivals, PrefixRouter(seats=24), max_num_seqs=24)
+    without = run(model_dir, arrivals, PrefixRouter(seats=None), max_num_seqs=24)
+    assert [e.requests for e in with_seats.engines] == [24, 24]
+    assert max(e.requests for e in without.engines) > 24
+    assert max(e.max_running for e in with_seats.engines) <= 24
+
+
+def test_deterministic_and_routes_checked(model_dir):
+    from asyncbatch.sim.dp import VllmBalancer
+
+    arrivals = group_arrivals(groups=3, members=2, rate=100.0)
+    a = run(model_dir, arrivals, VllmBalancer())
+    b = run(model_dir, arrivals, VllmBalancer())
+    assert a.duration_s == b.duration_s and a.mean_load == b.mean_load
+    assert {k: (v.engine, v.first_token_s) for k, v in a.requests.items()} == \
+        {k: (v.engine, v.first_token_s) for k, v in b.requests.items()}
+    with pytest.raises(ValueError, match="engine 5"):
+        run(model_dir, arrivals, lambda prompt, counts: 5)
+
+
+def test_vllm_balancer_alternates_on_equal_loads():
+    from asyncbatch.sim.dp import VllmBalancer
+
+    route = VllmBalancer()
+    assert [route([1], [[0, 0], [0, 0]]) for _ in range(4)] == [0, 1, 0, 1]
+    assert route([1], [[3, 0], [0, 5]]) == 1  # 4 * waiting + running: 12 > 5
