@@ -318,7 +318,9 @@ def scrape(port: int, names: dict[str, str]) -> dict[str, dict[str, float]]:
 def gpu_utilization_reader(num_gpus: int) -> Callable[[], list[float]] | None:
     """NVML busy % of the GPUs of data-parallel ranks ``0..num_gpus-1`` (the
     devices ``CUDA_VISIBLE_DEVICES`` names, in order, else devices 0..), or None
-    without NVML."""
+    without NVML.  NVML numbers devices in PCI bus order, CUDA by default fastest
+    first; on a host of identical GPUs (the case here) the two agree, elsewhere
+    set ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` for the servers."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     try:
         indices = ([int(x) for x in visible.split(",")][:num_gpus] if visible
@@ -669,7 +671,10 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
     if unknown:
         raise BenchError(f"unknown variant(s) {unknown}; choose from "
                          f"{', '.join(REPLAY_VARIANTS)}")
-    cost_model, cost_path = load_cost_model(settings.calibration)
+    try:
+        cost_model, cost_path = load_cost_model(settings.calibration)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cost model: {e}") from e
     model_dir = replay_model_dir()
     workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
     runs: list[dict[str, Any]] = []
@@ -715,7 +720,7 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
                          {str(e): v for e, v in enumerate(sim.mean_load)})
         rec["imbalance_gpu_busy"] = imbalance([c.busy_s for c in sim.engines])
         rec.update(variant=variant, server=variant, repeat=0, order=n, workload=name,
-                   rate=rate, startup_s=0.0, routing="simulated", source="replay",
+                   rate=rate, startup_s=0.0, routing="simulated", simulated=True,
                    replay_cpu_s=time.monotonic() - t0)
         runs.append(rec)
         progress(f"  {variant} {name}@{rate:g}: {rec['request_throughput']:.2f} req/s "
@@ -742,9 +747,12 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         plot(result, out / "summary.png")
 
 
-def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
+              ) -> list[dict[str, Any]]:
     """The runs recorded in each file (a ``results.json`` or a ``runs-partial.json``
-    left by a run that was stopped), each tagged with its ``source`` file."""
+    left by a run that was stopped), each tagged with its ``source`` file (kept
+    where an earlier merge set it).  The ``config`` of each ``results.json`` is
+    appended to ``configs``."""
     runs: list[dict[str, Any]] = []
     for path in paths:
         try:
@@ -757,6 +765,9 @@ def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 for r in found):
             raise BenchError(f"{path}: no dp_ab runs in it (expected results.json or "
                              "runs-partial.json)")
+        if configs is not None and isinstance(data, dict) and isinstance(
+                data.get("config"), dict):
+            configs.append(data["config"])
         source = f"{Path(path).parent.name}/{Path(path).name}"
         runs += [{**r, "rate": float(r["rate"]), "source": r.get("source", source)}
                  for r in found]
@@ -767,11 +778,19 @@ def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
     """One result from the runs of several commands (a series split over
     commands, or a run stopped part way): the summary compares variants only
     where they ran, and says where they ran in different sources."""
-    runs = load_runs(paths)
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    configs: list[dict[str, Any]] = []
+    runs = load_runs(paths, configs)
+    simulated = {bool(r.get("simulated")) for r in runs}
+    if len(simulated) > 1:
+        raise BenchError("cannot merge --replay runs (simulated) with GPU runs")
+    variants = [v for v in REPLAY_VARIANTS if any(r["variant"] == v for r in runs)]
     order = list(dict.fromkeys((r["variant"], int(r["repeat"])) for r in runs))
-    config = {**config_record(cfg, order), "variants": variants,
-              "merged_from": [str(p) for p in paths]}
+    # the configuration the runs were made with, where a results.json recorded it
+    config = {**(configs[0] if configs else config_record(cfg, order)), "order": order,
+              "variants": variants, "merged_from": [str(p) for p in paths]}
+    if simulated == {True} and "replay" not in config:
+        config["replay"] = next((c["replay"] for c in configs if "replay" in c),
+                                {"calibration": "?", "num_kv_blocks": "?", "publish_s": "?"})
     result = {"config": config, "runs": runs, "summary": summarize(runs, variants)}
     write_outputs(result, cfg.out)
     return result
@@ -835,8 +854,9 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
                   and r["variant"] == v]
             if not rs:
                 continue
-            # imbalance_gpu_busy: --replay only (NaN in GPU runs)
-            section[v] = {m: statistics.median(float(r.get(m, math.nan)) for r in rs)
+            # NaN where a run did not record a metric (GPU busy time without NVML,
+            # runs of older files): the median of the runs that did
+            section[v] = {m: _median([float(r.get(m, math.nan)) for r in rs])
                           for m in METRICS}
             section[v]["n"] = len(rs)
             section[v]["sources"] = sorted({str(r.get("source", "")) for r in rs})
@@ -856,6 +876,11 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
     out["checks"]["every request completed"] = {
         "value": float(len(incomplete)), "pass": not incomplete, "runs": incomplete}
     return out
+
+
+def _median(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return statistics.median(present) if present else math.nan
 
 
 def _rate(rate: float) -> str:
@@ -1030,6 +1055,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.repeat_offset < 0:
         p.error("--repeats must be >= 1 and --repeat-offset >= 0")
+    if args.merge and (args.replay or args.quick):
+        p.error("--merge summarizes runs already made: no --replay or --quick with it")
+    if args.repeat_offset and (args.replay or args.quick):
+        p.error("--repeat-offset continues a GPU series: not with --replay (deterministic, "
+                "one run) or --quick (one repeat)")
     return args
 
 

@@ -250,3 +250,39 @@ def test_gpu_busy_sampling_decides_the_hot_prefix_check(dp_ab):
     section["asyncbatch"]["imbalance_gpu_busy"] = math.nan
     assert list(dp_ab.checks({"hot@inf": section})) == [
         "hot@inf busiest engine <= 1.3x (requests, tokens computed)"]
+
+
+def test_merge_keeps_replay_runs_apart_and_medians_skip_missing_values(dp_ab, tmp_path):
+    from asyncbatch.bench.models import ModelSpec
+
+    def run(variant, busy, simulated):
+        return {"variant": variant, "workload": "hot", "rate": math.inf, "repeat": 0,
+                "num_requests": 4, "completed": 4, "request_throughput": 1.0,
+                "output_throughput": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 1.0,
+                "prefix_cache_hits": 1.0, "computed_prompt_tokens": 1.0,
+                "imbalance_requests": 1.0, "imbalance_computed_tokens": 1.0,
+                "imbalance_mean_load": 1.0, "imbalance_gpu_busy": busy, "engines": {},
+                **({"simulated": True} if simulated else {})}
+
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "results.json").write_text(json.dumps({
+        "config": {"replay": {"calibration": "c.json", "num_kv_blocks": 64, "publish_s": 0.1},
+                   "dp": 2, "model": {"path": "m", "load_format": "dummy"}, "shape": {},
+                   "order": []},
+        "runs": [run("asyncbatch-noseats", 1.2, True), run("stock", 1.0, True)]}))
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    # one GPU run sampled NVML, another (an older file) did not
+    (gpu / "runs-partial.json").write_text(json.dumps(
+        [run("asyncbatch", 1.5, False), {**run("asyncbatch", 0, False),
+                                         "imbalance_gpu_busy": float("nan")}]))
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out")
+    merged = dp_ab.merge(cfg, [replay / "results.json"])
+    assert merged["config"]["variants"] == ["stock", "asyncbatch-noseats"]
+    assert "(SIMULATED)" in (tmp_path / "out" / "summary.md").read_text()
+    assert all(r["source"] == "replay/results.json" for r in merged["runs"])
+    with pytest.raises(dp_ab.BenchError, match="replay"):
+        dp_ab.merge(cfg, [replay / "results.json", gpu / "runs-partial.json"])
+    merged = dp_ab.merge(cfg, [gpu / "runs-partial.json"])
+    assert merged["summary"]["hot@inf"]["asyncbatch"]["imbalance_gpu_busy"] == 1.5

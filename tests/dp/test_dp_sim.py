@@ -124,3 +124,11 @@ def test_vllm_balancer_alternates_on_equal_loads():
     route = VllmBalancer()
     assert [route([1], [[0, 0], [0, 0]]) for _ in range(4)] == [0, 1, 0, 1]
     assert route([1], [[3, 0], [0, 5]]) == 1  # 4 * waiting + running: 12 > 5
+
+
+def test_a_request_that_can_never_fit_is_refused(model_dir):
+    from asyncbatch.sim.dp import Arrival, VllmBalancer
+
+    with pytest.raises(ValueError, match="KV blocks"):
+        run(model_dir, [Arrival(0.0, "big", list(range(2, 2000)), 8)], VllmBalancer(),
+            num_blocks=16, max_model_len=4096)

@@ -200,6 +200,20 @@ def test_at_low_load_the_slack_keeps_a_group_on_its_engine(hooked, slack, stays)
     assert (rank_of(client, engine) == first) is stays
 
 
+def test_with_two_api_servers_each_counts_half_the_slack(hooked):
+    """20 requests against 2: in the units of a client of two API servers 10
+    and 1, mean 6 after the request; half the slack (4) caps the first engine
+    at 10, so the request moves.  With the whole slack it would stay (cap 14)."""
+    client = make_client(hooked, 2, client_count=2)
+    tokens = list(range(2, 300))
+    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
+    counts = [[0, 0], [0, 0]]
+    counts[first], counts[1 - first] = [0, 20], [0, 2]
+    coordinator_update(client, counts)
+    engine = client.get_core_engine_for_request(make_request("x", tokens))
+    assert rank_of(client, engine) == 1 - first
+
+
 def test_an_explicit_rank_wins(hooked):
     client = make_client(hooked, 2)
     for i, (_, _, tokens) in enumerate(group_prompts(4, 2)):

@@ -168,7 +168,8 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         loads: each available rank's load, as a sequence (ranks ``0..n-1``) or a
             mapping from rank to load (the ranks present; a rank that went away
             is simply absent).  Negative loads count as 0.
-        eps: the load bound (``>= 0``); ``math.inf`` routes by key alone.
+        eps: the load bound (``>= 0``); ``math.inf`` routes by key alone (among
+            the ranks with a free seat, when ``capacity`` is given).
         cost: the load one request adds.
         explicit: a rank the request names (``data_parallel_rank``); it wins.
         capacity: seats per rank, in the units of ``loads``; while a rank has

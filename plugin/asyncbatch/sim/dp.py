@@ -9,13 +9,15 @@ Time: every engine steps two batches deep with step times from a
 a step's host work starts when the engine's call for it starts and cannot
 start before the output of the step two back is processed; the GPU runs the
 engine's steps back to back.  The engine whose next call comes first steps
-next; a request is routed when the simulated clock reaches its arrival time,
-before any engine steps past it.
+next; a request is routed when the simulated clock reaches its arrival time.
+A call is atomic, so an arrival that falls inside an engine's call sees that
+engine as the call leaves it: the view is accurate to about one step.
 
 Load view: what vLLM's client sees (vLLM 0.26-0.32): each engine's
-``(waiting, running)`` as the coordinator published it (every
-``publish_s`` of simulated time), plus one waiting request for every request
-this front end routed since.  One front end (one API server).
+``(waiting, running)`` as the coordinator published it (refreshed at the
+first arrival ``publish_s`` or more after the last refresh), plus one waiting
+request for every request this front end routed since.  One front end (one
+API server).
 
 Everything is deterministic: the same inputs give the same numbers.
 """
@@ -131,6 +133,7 @@ class _Engine:
         self.ends: deque[float] = deque()  # GPU end of each step in flight, oldest first
         self.recent: deque[float] = deque(maxlen=depth)  # ends of the last `depth` steps
         self.completed_at = 0.0
+        self.empty_calls = 0  # consecutive steps that scheduled no token
         self.counters = EngineCounters()
         self._schedule = scheduler.schedule
         self._update = scheduler.update_from_output
@@ -141,6 +144,7 @@ class _Engine:
 
     def _timed_schedule(self) -> Any:
         out = self._schedule()
+        self.empty_calls = 0 if out.total_num_scheduled_tokens else self.empty_calls + 1
         f = step_features(self.scheduler, out)
         g = self.cost.gpu_time(f)
         # host work for this step starts with the call, and not before the
@@ -191,6 +195,12 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
 
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    for a in arrivals:  # a request that can never fit would keep its engine stepping
+        need = -(-(len(a.prompt) + a.max_tokens) // block_size)
+        if need > num_blocks - 1 or len(a.prompt) + a.max_tokens > max_model_len:
+            raise ValueError(f"request {a.request_id} needs {need} KV blocks of {block_size} "
+                             f"({len(a.prompt)} + {a.max_tokens} tokens); the engines have "
+                             f"{num_blocks - 1} usable and max_model_len {max_model_len}")
     engines = []
     for i in range(num_engines):
         scheduler = build_scheduler(
@@ -263,6 +273,9 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
         assert nxt is not None
         account(nxt.clock)
         nxt.step()
+        if nxt.empty_calls > 10_000:
+            raise RuntimeError(f"engine {nxt.index} scheduled nothing in 10,000 steps "
+                               f"with requests waiting: the simulation is stuck")
     unfinished = [rid for rid, rt in times.items() if rt.finish_s is None]
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} requests did not finish, e.g. {unfinished[0]}")
