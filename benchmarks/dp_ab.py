@@ -551,7 +551,7 @@ def server_sessions(variants: Sequence[str], repeats: int, offset: int = 0
     kinds = list(dict.fromkeys(SERVER_OF.get(v, v) for v in variants))
     order: list[tuple[str, int]] = []
     sessions: list[tuple[str, int, list[str]]] = []
-    for kind, k in abba_order(kinds, offset + repeats)[offset * len(kinds):]:
+    for kind, k in abba_order(kinds, repeats, offset):
         clients = [v for v in variants if SERVER_OF.get(v, v) == kind]
         if k % 2:
             clients.reverse()

@@ -509,7 +509,7 @@ def run_plan(variants: list[str], repeats: int, offset: int = 0, sync_check: boo
     from asyncbatch.bench.stats import abba_order
 
     plan: list[tuple[str, dict[str, str]]] = [
-        (v, {}) for v, k in abba_order(variants, repeats + offset) if k >= offset]
+        (v, {}) for v, _ in abba_order(variants, repeats, offset)]
     if sync_check:
         plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
     return plan

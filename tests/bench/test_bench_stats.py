@@ -17,6 +17,15 @@ def test_abba_order():
         assert [k for w, k in order if w == v] == [0, 1, 2]
 
 
+def test_abba_order_offset_continues_the_series():
+    whole = abba_order(["a", "b", "c"], 4)
+    parts = [abba_order(["a", "b", "c"], 1, k) for k in range(4)]
+    assert [x for part in parts for x in part] == whole
+    assert abba_order(["a", "b", "c"], 2, 2) == whole[6:]
+    with pytest.raises(ValueError, match="offset"):
+        abba_order(["a"], 1, -1)
+
+
 @pytest.mark.parametrize("variants, repeats", [([], 2), (["a"], 0), (["a", "a"], 2)])
 def test_abba_order_rejects_bad_input(variants, repeats):
     with pytest.raises(ValueError):

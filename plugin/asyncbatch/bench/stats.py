@@ -15,16 +15,20 @@ from dataclasses import dataclass
 WITHIN_NOISE = "within noise"
 
 
-def abba_order(variants: list[str], repeats: int) -> list[tuple[str, int]]:
-    """``(variant, repeat index)`` in run order: forward, backward, forward, ..."""
+def abba_order(variants: list[str], repeats: int, offset: int = 0) -> list[tuple[str, int]]:
+    """``(variant, repeat index)`` in run order: forward, backward, forward, ...
+    ``offset`` continues a series split over several commands: repeats
+    ``offset .. offset + repeats - 1`` of the same order."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if not variants:
         raise ValueError("no variants to run")
     if len(set(variants)) != len(variants):
         raise ValueError(f"duplicate variants in {variants}")
     order = []
-    for k in range(repeats):
+    for k in range(offset, offset + repeats):
         for v in (variants if k % 2 == 0 else reversed(variants)):
             order.append((v, k))
     return order
