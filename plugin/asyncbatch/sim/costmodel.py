@@ -25,6 +25,7 @@ With one batch in flight (``async_scheduling=False``) nothing overlaps:
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,21 +100,38 @@ def step_features(scheduler: Any, scheduler_output: Any) -> StepFeatures:
     return StepFeatures(prefill, decode, kv, len(scheduler_output.num_scheduled_tokens))
 
 
+class StepClock:
+    """The timeline above, one step at a time: `add` takes the next step's
+    features and returns its simulated completion time.  ``not_before`` delays
+    the step's host work (an engine that was idle until a request arrived)."""
+
+    def __init__(self, model: CostModel, max_in_flight: int = 2) -> None:
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.host_done = 0.0
+        self.gpu_end = 0.0
+        self.busy_s = 0.0  # GPU time of every step added
+        # completion times of the last max_in_flight steps: the oldest gates the next
+        self._ends: deque[float] = deque(maxlen=max(1, max_in_flight))
+
+    def add(self, f: StepFeatures, not_before: float = 0.0) -> float:
+        g = self.model.gpu_time(f)
+        self.busy_s += g
+        h = self.model.host_step_s
+        if self.max_in_flight <= 1:
+            self.gpu_end = max(self.gpu_end, not_before) + h + g
+        else:
+            gate = self._ends[0] if len(self._ends) == self.max_in_flight else 0.0
+            self.host_done = max(self.host_done, gate, not_before) + h
+            self.gpu_end = max(self.gpu_end, self.host_done) + g
+        self._ends.append(self.gpu_end)
+        return self.gpu_end
+
+
 def timeline(model: CostModel, steps: list[StepFeatures], max_in_flight: int = 2) -> list[float]:
     """Simulated completion time (s) of every step, in order."""
-    h = model.host_step_s
-    ends: list[float] = []
-    host_done = 0.0
-    for i, f in enumerate(steps):
-        g = model.gpu_time(f)
-        prev_end = ends[i - 1] if i >= 1 else 0.0
-        if max_in_flight <= 1:
-            ends.append(prev_end + h + g)
-            continue
-        gate = ends[i - max_in_flight] if i >= max_in_flight else 0.0
-        host_done = max(host_done, gate) + h
-        ends.append(max(prev_end, host_done) + g)
-    return ends
+    clock = StepClock(model, max_in_flight)
+    return [clock.add(f) for f in steps]
 
 
 def fit(rows: list[tuple[StepFeatures, float]]) -> tuple[list[float], float]:

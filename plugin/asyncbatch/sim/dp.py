@@ -5,10 +5,10 @@ data-parallel client does (or as asyncbatch's prefix routing does), on a
 simulated clock.
 
 Time: every engine steps two batches deep with step times from a
-`CostModel`, as `asyncbatch.sim.costmodel.timeline` describes for one engine:
-a step's host work starts when the engine's call for it starts and cannot
-start before the output of the step two back is processed; the GPU runs the
-engine's steps back to back.  The engine whose next call comes first steps
+`CostModel`, on a `asyncbatch.sim.costmodel.StepClock` (the replay's timeline
+for one engine): a step's host work starts when the engine's call for it starts
+and cannot start before the output of the step two back is processed; the GPU
+runs the engine's steps back to back.  The engine whose next call comes first steps
 next; a request is routed when the simulated clock reaches its arrival time.
 A call is atomic, so an arrival that falls inside an engine's call sees that
 engine as the call leaves it: the view is accurate to about one step.
@@ -38,7 +38,7 @@ from asyncbatch.dp.routing import (
     prefix_key,
     rank_for,
 )
-from asyncbatch.sim.costmodel import CostModel, step_features
+from asyncbatch.sim.costmodel import CostModel, StepClock, step_features
 
 # A front end's choice: (prompt token ids, [[waiting, running], ...]) -> rank
 Route = Callable[[Sequence[int], list[list[float]]], int]
@@ -63,6 +63,9 @@ class RequestTimes:
 
 @dataclass
 class EngineCounters:
+    """One engine's totals; prompt and cached tokens as `SimStats` counts them
+    (each request once, at its first token)."""
+
     requests: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -126,15 +129,13 @@ class _Engine:
 
         self.index = index
         self.scheduler = scheduler
-        self.cost = cost_model
+        self.timing = StepClock(cost_model, depth)
         self.clock = 0.0  # when the engine's next call starts
-        self.gpu_end = 0.0  # GPU end of the last step scheduled
-        self.host_done = 0.0
         self.ends: deque[float] = deque()  # GPU end of each step in flight, oldest first
-        self.recent: deque[float] = deque(maxlen=depth)  # ends of the last `depth` steps
         self.completed_at = 0.0
         self.empty_calls = 0  # consecutive steps that scheduled no token
-        self.counters = EngineCounters()
+        self.requests = 0
+        self.max_running = 0
         self._schedule = scheduler.schedule
         self._update = scheduler.update_from_output
         scheduler.schedule = self._timed_schedule
@@ -145,17 +146,10 @@ class _Engine:
     def _timed_schedule(self) -> Any:
         out = self._schedule()
         self.empty_calls = 0 if out.total_num_scheduled_tokens else self.empty_calls + 1
-        f = step_features(self.scheduler, out)
-        g = self.cost.gpu_time(f)
-        # host work for this step starts with the call, and not before the
-        # output of the step `depth` back is processed
-        gate = self.recent[0] if len(self.recent) == self.recent.maxlen else 0.0
-        self.host_done = max(self.host_done, self.clock, gate) + self.cost.host_step_s
-        self.gpu_end = max(self.gpu_end, self.host_done) + g
-        self.counters.busy_s += g
-        self.ends.append(self.gpu_end)
-        self.recent.append(self.gpu_end)
-        self.counters.max_running = max(self.counters.max_running, len(self.scheduler.running))
+        # host work for this step starts with the call
+        self.ends.append(self.timing.add(step_features(self.scheduler, out),
+                                         not_before=self.clock))
+        self.max_running = max(self.max_running, len(self.scheduler.running))
         return out
 
     def _timed_update(self, scheduler_output: Any, model_output: Any) -> Any:
@@ -169,9 +163,7 @@ class _Engine:
 
     def step(self) -> None:
         self.completed_at = self.clock
-        before = self.sim.stats.num_preemptions
         self.sim.step()
-        self.counters.preemptions += self.sim.stats.num_preemptions - before
         # the next call starts once this one has processed the step it waited for
         self.clock = max(self.clock, self.completed_at)
 
@@ -181,6 +173,15 @@ class _Engine:
     def counts(self) -> list[float]:
         running, waiting = self.scheduler.get_request_counts()
         return [float(waiting), float(running)]
+
+    def counters(self) -> EngineCounters:
+        stats = self.sim.stats
+        return EngineCounters(
+            requests=self.requests, prompt_tokens=stats.admitted_prompt_tokens,
+            cached_prompt_tokens=stats.admitted_cached_tokens,
+            generation_tokens=sum(len(tokens) for tokens in self.sim.outputs.values()),
+            preemptions=stats.num_preemptions, max_running=self.max_running,
+            busy_s=self.timing.busy_s)
 
 
 def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
@@ -211,25 +212,17 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
         engines.append(_Engine(i, scheduler, cost_model, depth))
     times: dict[str, RequestTimes] = {}
 
-    def on_output(engine: _Engine) -> Callable[[Any, float], None]:
-        def record(o: Any, t: float) -> None:
-            rt = times[o.request_id]
-            if o.new_token_ids:
-                rt.output_tokens += len(o.new_token_ids)
-                engine.counters.generation_tokens += len(o.new_token_ids)
-                if rt.first_token_s is None:
-                    rt.first_token_s = t
-            if o.prefill_stats is not None:
-                engine.counters.prompt_tokens += o.prefill_stats.num_prompt_tokens
-                engine.counters.cached_prompt_tokens += o.prefill_stats.num_cached_tokens
-            if o.finish_reason is not None:
-                rt.finish_s = t
-                if progress is not None:
-                    progress(1)
-        return record
+    def record(o: Any, t: float) -> None:
+        rt = times[o.request_id]
+        if o.new_token_ids and rt.first_token_s is None:
+            rt.first_token_s = t
+        if o.finish_reason is not None:
+            rt.finish_s = t
+            if progress is not None:
+                progress(1)
 
     for e in engines:
-        e.on_output = on_output(e)
+        e.on_output = record
     pending = sorted(arrivals, key=lambda a: a.time_s)
     view = [e.counts() for e in engines]
     published = -math.inf
@@ -265,7 +258,7 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             if not engine.has_work():
                 engine.clock = max(engine.clock, a.time_s)
             times[a.request_id] = RequestTimes(a.time_s, rank)
-            engine.counters.requests += 1
+            engine.requests += 1
             engine.sim.add_request(make_request(a.request_id, list(a.prompt),
                                                 max_tokens=a.max_tokens,
                                                 block_size=block_size, ignore_eos=True))
@@ -281,5 +274,7 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
         raise RuntimeError(f"{len(unfinished)} requests did not finish, e.g. {unfinished[0]}")
     duration = max((rt.finish_s or 0.0) for rt in times.values()) if times else 0.0
     account(duration)
-    return DPSimResult(times, [e.counters for e in engines], duration,
+    for rid, rt in times.items():
+        rt.output_tokens = len(engines[rt.engine].sim.outputs[rid])
+    return DPSimResult(times, [e.counters() for e in engines], duration,
                        [a / duration if duration else 0.0 for a in load_area])
