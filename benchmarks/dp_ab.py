@@ -396,13 +396,21 @@ def engine_deltas(before: dict[str, dict[str, float]], after: dict[str, dict[str
         if engine == "":
             continue
         a, b = after.get(engine, {}), before.get(engine, {})
-        d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in COUNTERS.values()}
-        d["computed_prompt_tokens"] = d["prompt_tokens"] - d["prefix_cache_hits"]
-        d["computed_tokens"] = d["computed_prompt_tokens"] + d["generation_tokens"]
-        d["hit_rate"] = (d["prefix_cache_hits"] / d["prefix_cache_queries"]
-                         if d["prefix_cache_queries"] else 0.0)
-        out[engine] = d
+        out[engine] = engine_record({k: a.get(k, 0.0) - b.get(k, 0.0)
+                                     for k in COUNTERS.values()})
     return out
+
+
+def engine_record(counters: dict[str, float]) -> dict[str, float]:
+    """One engine's counters of a run (`COUNTERS`' short names) with the figures
+    derived from them: prompt tokens computed (not from the prefix cache), all
+    tokens computed, and the hit rate."""
+    d = dict(counters)
+    d["computed_prompt_tokens"] = d["prompt_tokens"] - d["prefix_cache_hits"]
+    d["computed_tokens"] = d["computed_prompt_tokens"] + d["generation_tokens"]
+    d["hit_rate"] = (d["prefix_cache_hits"] / d["prefix_cache_queries"]
+                     if d["prefix_cache_queries"] else 0.0)
+    return d
 
 
 def imbalance(values: Sequence[float]) -> float:
@@ -663,6 +671,7 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
     step times from a calibrated cost model (`asyncbatch.sim.dp`).  SIMULATED:
     deterministic, one run per point; per-engine hits are the prompt tokens the
     prefix cache held at each request's admission."""
+    from asyncbatch.bench.replay import VARIANTS as ENGINES
     from asyncbatch.bench.replay import load_cost_model, replay_model_dir
     from asyncbatch.bench.variants import variant_settings
     from asyncbatch.sim import dp as sim_dp
@@ -690,8 +699,7 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
         t0 = time.monotonic()
         sim = sim_dp.simulate(
             arrival_list, replay_route(variant, cfg), num_engines=cfg.dp,
-            scheduler_cls=("asyncbatch.Scheduler" if asyncbatch
-                           else "vllm.v1.core.sched.async_scheduler.AsyncScheduler"),
+            scheduler_cls=ENGINES["asyncbatch" if asyncbatch else "async"]["scheduler_cls"],
             cost_model=cost_model, model_dir=model_dir, num_blocks=settings.num_kv_blocks,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -703,19 +711,15 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
             results.append(Result(True, (rt.first_token_s or 0.0) - rt.arrival_s,
                                   (rt.finish_s or 0.0) - rt.arrival_s, rt.output_tokens,
                                   len(r.prompt)))
-        engines = {}
-        for e, c in enumerate(sim.engines):
-            computed = c.prompt_tokens - c.cached_prompt_tokens
-            engines[str(e)] = {
+        engines = {
+            str(e): {**engine_record({
                 "requests": float(c.requests), "prompt_tokens": float(c.prompt_tokens),
                 "generation_tokens": float(c.generation_tokens),
                 "prefix_cache_queries": float(c.prompt_tokens),
                 "prefix_cache_hits": float(c.cached_prompt_tokens),
-                "preemptions": float(c.preemptions),
-                "computed_prompt_tokens": float(computed),
-                "computed_tokens": float(computed + c.generation_tokens),
-                "hit_rate": c.cached_prompt_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
+                "preemptions": float(c.preemptions)}),
                 "gpu_busy_s": c.busy_s, "max_running": float(c.max_running)}
+            for e, c in enumerate(sim.engines)}
         rec = run_record(results, sim.duration_s, engines,
                          {str(e): v for e, v in enumerate(sim.mean_load)})
         rec["imbalance_gpu_busy"] = imbalance([c.busy_s for c in sim.engines])
