@@ -155,6 +155,11 @@ def prefix_cache_counts_every_lookup() -> bool:
 # this client's unfinished requests, ``engine_inflight``).
 
 
+def dp_client_count(client: Any) -> int:
+    """How many API servers share the engines (vLLM's ``client_count``), at least 1."""
+    return max(1, int(getattr(client, "client_count", 1) or 1))
+
+
 def dp_engine_loads(client: Any) -> list[float]:
     """Each engine's load in requests, engines in rank order, in units of one
     request routed by this client (vLLM adds ``client_count`` to an engine's
@@ -166,7 +171,7 @@ def dp_engine_loads(client: Any) -> list[float]:
     - 0.33: vLLM's own score, ``max(client_count * in_flight, waiting +
       running)`` plus ``6 * waiting * max(0, kv_cache_usage - 0.5)``.
     """
-    client_count = max(1, int(getattr(client, "client_count", 1) or 1))
+    client_count = dp_client_count(client)
     inflight = getattr(client, "engine_inflight", None)
     engines = list(getattr(client, "core_engines", ()))
     loads: list[float] = []
@@ -188,7 +193,7 @@ def dp_count_routed(client: Any, rank: int) -> None:
     coordinator update replaces the counts."""
     counts = client.lb_engines
     if 0 <= rank < len(counts):
-        counts[rank][0] += max(1, int(getattr(client, "client_count", 1) or 1))
+        counts[rank][0] += dp_client_count(client)
 
 
 def scheduler_is_asyncbatch(vllm_config: Any) -> bool:

@@ -163,8 +163,7 @@ def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any
     try:
         loads = _compat.dp_engine_loads(client)
         loads = loads[:len(client.core_engines)]
-        rank = router.choose(request, loads,
-                             max(1, int(getattr(client, "client_count", 1) or 1)))
+        rank = router.choose(request, loads, _compat.dp_client_count(client))
     except Exception:  # never let routing fail a request: vLLM balances it
         logger.exception("asyncbatch: data-parallel prefix routing failed for request %s; "
                          "vLLM's balancing takes it", getattr(request, "request_id", "?"))
