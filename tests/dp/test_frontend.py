@@ -151,15 +151,24 @@ def test_local_load_view_is_bumped_as_vllm_does(hooked):
         assert client.engine_inflight[engine] == 0
 
 
+GROUP = list(range(2, 300))
+
+
+def route_group_request(client, first_counts, other_counts, rid="x"):
+    """The coordinator publishes ``[waiting, running]`` of the engine that
+    `GROUP`'s key ranks first and of the other; one request of the group is
+    routed.  Returns (that first choice, the rank the request got)."""
+    first = hrw_order(prefix_key(GROUP, block_size=BLOCK), range(2))[0]
+    counts = [[0, 0], [0, 0]]
+    counts[first], counts[1 - first] = list(first_counts), list(other_counts)
+    coordinator_update(client, counts)
+    return first, rank_of(client, client.get_core_engine_for_request(make_request(rid, GROUP)))
+
+
 def test_the_bound_sends_a_group_to_its_second_choice(hooked):
     client = make_client(hooked, 2)
-    tokens = list(range(2, 300))
-    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
-    counts = [[0, 0], [0, 0]]
-    counts[first] = [40, 60]  # its first choice is far busier
-    coordinator_update(client, counts)
-    engine = client.get_core_engine_for_request(make_request("x", tokens))
-    assert rank_of(client, engine) == 1 - first
+    first, rank = route_group_request(client, [40, 60], [0, 0])  # first choice far busier
+    assert rank == 1 - first
 
 
 @pytest.mark.parametrize("client_count", [1, 2])
@@ -172,17 +181,11 @@ def test_a_full_engine_gives_way_to_one_with_a_free_seat(hooked, client_count):
     config = make_config()
     config.scheduler_config.max_num_seqs = 8
     client = make_client(hooked, 2, config=config, client_count=client_count)
-    tokens = list(range(2, 300))
-    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
-    counts = [[0, 0], [0, 0]]
-    counts[first], counts[1 - first] = [0, 8], [0, 6]
-    coordinator_update(client, counts)
-    engine = client.get_core_engine_for_request(make_request("x", tokens))
-    assert rank_of(client, engine) == 1 - first
+    first, rank = route_group_request(client, [0, 8], [0, 6])
+    assert rank == 1 - first
     assert frontend.router_of(client).seats == 8
-    coordinator_update(client, [[0, 8], [0, 8]])
-    engine = client.get_core_engine_for_request(make_request("y", tokens))
-    assert rank_of(client, engine) == first
+    first, rank = route_group_request(client, [0, 8], [0, 8], "y")
+    assert rank == first
 
 
 @pytest.mark.parametrize("slack, stays", [(None, True), (0, False)])
@@ -191,13 +194,8 @@ def test_at_low_load_the_slack_keeps_a_group_on_its_engine(hooked, slack, stays)
     ceil(1.1 * 9 / 2) = 5) moves the group; the default slack of 8 keeps it."""
     settings = {} if slack is None else {"dp_load_slack": slack}
     client = make_client(hooked, 2, settings=settings)
-    tokens = list(range(2, 300))
-    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
-    counts = [[0, 0], [0, 0]]
-    counts[first], counts[1 - first] = [0, 6], [0, 2]
-    coordinator_update(client, counts)
-    engine = client.get_core_engine_for_request(make_request("x", tokens))
-    assert (rank_of(client, engine) == first) is stays
+    first, rank = route_group_request(client, [0, 6], [0, 2])
+    assert (rank == first) is stays
 
 
 def test_with_two_api_servers_each_counts_half_the_slack(hooked):
@@ -205,13 +203,8 @@ def test_with_two_api_servers_each_counts_half_the_slack(hooked):
     and 1, mean 6 after the request; half the slack (4) caps the first engine
     at 10, so the request moves.  With the whole slack it would stay (cap 14)."""
     client = make_client(hooked, 2, client_count=2)
-    tokens = list(range(2, 300))
-    first = hrw_order(prefix_key(tokens, block_size=BLOCK), range(2))[0]
-    counts = [[0, 0], [0, 0]]
-    counts[first], counts[1 - first] = [0, 20], [0, 2]
-    coordinator_update(client, counts)
-    engine = client.get_core_engine_for_request(make_request("x", tokens))
-    assert rank_of(client, engine) == 1 - first
+    first, rank = route_group_request(client, [0, 20], [0, 2])
+    assert rank == 1 - first
 
 
 def test_an_explicit_rank_wins(hooked):
