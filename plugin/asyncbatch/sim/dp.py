@@ -29,15 +29,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from asyncbatch.dp.routing import (
-    DEFAULT_LOAD_BOUND,
-    DEFAULT_LOAD_SLACK,
-    DEFAULT_PREFIX_TOKENS,
-    prefix_key,
-    rank_for,
-)
+from asyncbatch.dp.frontend import Router
+from asyncbatch.dp.routing import DEFAULT_LOAD_BOUND, DEFAULT_LOAD_SLACK, DEFAULT_PREFIX_TOKENS
 from asyncbatch.sim.costmodel import CostModel, StepClock, step_features
 
 # A front end's choice: (prompt token ids, [[waiting, running], ...]) -> rank
@@ -105,22 +101,21 @@ class VllmBalancer:
 
 
 class PrefixRouter:
-    """asyncbatch's routing (`asyncbatch.dp.routing.rank_for`) on the same view:
-    load = waiting + running, ``seats`` requests per engine (None: no limit)."""
+    """asyncbatch's routing, the front end's own `asyncbatch.dp.frontend.Router`,
+    on the same view: load = waiting + running, ``seats`` requests per engine
+    (None: no limit); a prompt it leaves to vLLM goes to `VllmBalancer`."""
 
     def __init__(self, *, block_size: int = 16, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
                  eps: float = DEFAULT_LOAD_BOUND, seats: int | None = None,
                  slack: float = DEFAULT_LOAD_SLACK) -> None:
-        self.block_size, self.prefix_tokens = block_size, prefix_tokens
-        self.eps, self.seats, self.slack = eps, seats, slack
+        self.router = Router(block_size=block_size, prefix_tokens=prefix_tokens,
+                             load_bound=eps, seats=seats, slack=slack)
         self._balance = VllmBalancer()
 
     def __call__(self, prompt: Sequence[int], counts: list[list[float]]) -> int:
-        key = prefix_key(prompt, block_size=self.block_size, prefix_tokens=self.prefix_tokens)
-        if key is None:
-            return self._balance(prompt, counts)
-        return rank_for(key, [w + r for w, r in counts], self.eps,
-                        capacity=float(self.seats) if self.seats else None, slack=self.slack)
+        rank = self.router.choose(SimpleNamespace(prompt_token_ids=prompt),
+                                  [w + r for w, r in counts])
+        return self._balance(prompt, counts) if rank is None else rank
 
 
 class _Engine:
