@@ -94,11 +94,12 @@ from asyncbatch.bench.workloads import (  # noqa: E402
     RandomWorkload,
     random_tokens,
 )
+from asyncbatch.dp.routing import DEFAULT_KEY_SHARE  # noqa: E402
 
 VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
 # --replay only: asyncbatch's routing without the seat check (which the first GPU
-# runs, benchmarks/results/dp-h200, did not have)
-REPLAY_VARIANTS = (*VARIANTS, "asyncbatch-noseats")
+# runs, benchmarks/results/dp-h200, did not have), and without the key share
+REPLAY_VARIANTS = (*VARIANTS, "asyncbatch-noseats", "asyncbatch-noshare")
 BASELINE = "stock"
 ROUTING_ON = "data-parallel prefix routing on"
 ROUTING_OFF = "data-parallel prefix routing off"
@@ -659,9 +660,10 @@ def replay_route(variant: str, cfg: Config) -> Any:
     if variant in ("stock", "asyncbatch-norouting"):
         return sim_dp.VllmBalancer()
     if variant == "hash-header":
-        return lambda prompt, counts: header_rank(prompt, len(counts))
+        return lambda prompt, counts, request_id="": header_rank(prompt, len(counts))
     return sim_dp.PrefixRouter(
-        block_size=16, seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs)
+        block_size=16, seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs,
+        key_share=1.0 if variant == "asyncbatch-noshare" else DEFAULT_KEY_SHARE)
 
 
 def replay_all(cfg: Config, settings: ReplaySettings, *,

@@ -224,6 +224,19 @@ class AsyncBatchConfig(BaseModel):
             "0: the relative bound alone."
         ),
     )
+    dp_key_share: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Most of an engine's load cap (dp_load_bound, dp_load_slack) that the requests "
+            "of one prefix key may hold, and always dp_load_slack requests; past it the "
+            "key's next engine takes them. A hot prefix is spread over the engines before it "
+            "fills its first one and turns that engine's other prefix groups away, which "
+            "would leave the engines holding equal numbers of requests but unequal work. "
+            "Each API server counts its own requests. 1: no limit."
+        ),
+    )
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> AsyncBatchConfig:

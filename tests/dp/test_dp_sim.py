@@ -2,6 +2,7 @@
 """The data-parallel simulation (asyncbatch.sim.dp): real vLLM schedulers behind a
 simulated front end, on a simulated clock."""
 
+import dataclasses
 import random
 
 import pytest
@@ -35,14 +36,14 @@ def group_arrivals(groups=6, members=4, prefix_len=128, suffix_len=16, out=6, ra
     return out_list
 
 
-def run(model_dir, arrivals, route, *, engines=2, scheduler=ASYNC, **kw):
+def run(model_dir, arrivals, route, *, engines=2, scheduler=ASYNC, cost_model=COST, **kw):
     from asyncbatch.sim.dp import simulate
 
     kw.setdefault("num_blocks", 512)
     kw.setdefault("max_num_seqs", 32)
     kw.setdefault("max_num_batched_tokens", 1024)
     return simulate(arrivals, route, num_engines=engines, scheduler_cls=scheduler,
-                    cost_model=COST, model_dir=model_dir, **kw)
+                    cost_model=cost_model, model_dir=model_dir, **kw)
 
 
 def groups_per_engine(result):
@@ -115,7 +116,7 @@ def test_deterministic_and_routes_checked(model_dir):
     assert {k: (v.engine, v.first_token_s) for k, v in a.requests.items()} == \
         {k: (v.engine, v.first_token_s) for k, v in b.requests.items()}
     with pytest.raises(ValueError, match="engine 5"):
-        run(model_dir, arrivals, lambda prompt, counts: 5)
+        run(model_dir, arrivals, lambda prompt, counts, request_id: 5)
 
 
 def test_vllm_balancer_alternates_on_equal_loads():
@@ -132,3 +133,39 @@ def test_a_request_that_can_never_fit_is_refused(model_dir):
     with pytest.raises(ValueError, match="KV blocks"):
         run(model_dir, [Arrival(0.0, "big", list(range(2, 2000)), 8)], VllmBalancer(),
             num_blocks=16, max_model_len=4096)
+
+
+def test_the_key_share_balances_the_work_of_a_hot_prefix(model_dir):
+    """A burst onto two engines of 24 seats, one prefix half of it: without the
+    key share that prefix fills its first engine (cheap, cached requests) and
+    the other engine computes the turned-away groups' prefixes, so it is busier;
+    with the share the work is closer to even and fewer prefixes are computed
+    twice."""
+    from asyncbatch.sim.dp import Arrival, PrefixRouter
+
+    rng = random.Random(4)
+    hot = [rng.randrange(2, 1000) for _ in range(256)]
+    arrivals = [Arrival(0.0, f"hot{i}", hot + [rng.randrange(2, 1000) for _ in range(16)], 6)
+                for i in range(24)]
+    arrivals += group_arrivals(groups=6, members=4, prefix_len=256, seed=9)
+    rng.shuffle(arrivals)
+
+    def busy_ratio(r):
+        busy = [e.busy_s for e in r.engines]
+        return max(busy) / min(busy)
+
+    # prefill-heavy: a computed prefix costs as much as a dozen decode steps
+    cost = dataclasses.replace(COST, prefill_token_s=2e-4)
+    results = {share: run(model_dir, arrivals, PrefixRouter(seats=24, key_share=share),
+                          scheduler="asyncbatch.Scheduler", max_num_seqs=24, cost_model=cost)
+               for share in (1.0, 0.5)}
+    for r in results.values():
+        assert [e.requests for e in r.engines] == [24, 24]
+    ratios = {s: busy_ratio(r) for s, r in results.items()}
+    assert ratios[1.0] > 1.2, ratios  # the imbalance the share is for
+    assert ratios[0.5] < ratios[1.0] - 0.1, ratios
+
+    def computed(r):
+        return sum(e.prompt_tokens - e.cached_prompt_tokens for e in r.engines)
+
+    assert computed(results[0.5]) < computed(results[1.0])

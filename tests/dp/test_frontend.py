@@ -207,6 +207,52 @@ def test_with_two_api_servers_each_counts_half_the_slack(hooked):
     assert rank == 1 - first
 
 
+def test_a_hot_key_past_its_share_goes_to_its_second_choice(hooked):
+    """Both engines hold 40 requests (cap 49 after one more, the key's share
+    24): while 24 of the group's requests are in flight on its first choice the
+    next goes to the other engine; once vLLM drops finished ones from
+    ``reqs_in_flight`` the group's first choice takes it again.  With
+    dp_key_share 1 the count does not matter."""
+    for share, spills in ((None, True), (1.0, False)):
+        settings = {} if share is None else {"dp_key_share": share}
+        client = make_client(hooked, 2, settings=settings)
+        first = hrw_order(prefix_key(GROUP, block_size=BLOCK), range(2))[0]
+        for i in range(24):
+            coordinator_update(client, [[0, 40], [0, 40]])
+            engine = client.get_core_engine_for_request(make_request(f"h{i}", GROUP))
+            assert rank_of(client, engine) == first
+        coordinator_update(client, [[0, 40], [0, 40]])
+        rank = rank_of(client, client.get_core_engine_for_request(make_request("h24", GROUP)))
+        assert (rank == 1 - first) is spills
+        for i in range(24):
+            client.reqs_in_flight.pop(f"h{i}")
+        coordinator_update(client, [[0, 40], [0, 40]])
+        rank = rank_of(client, client.get_core_engine_for_request(make_request("h25", GROUP)))
+        assert rank == first
+
+
+def test_the_key_ledger_forgets_finished_requests():
+    in_flight = {}
+    ledger = frontend.KeyLedger()
+    keys = [bytes([k]) * 16 for k in range(3)]
+    for i in range(30):
+        rid = f"r{i}"
+        ledger.record(keys[i % 3], rid, i % 2, in_flight)
+        in_flight[rid] = None
+    assert len(ledger) == 30
+    assert ledger.loads(keys[0], in_flight) == {0: 5.0, 1: 5.0}
+    for i in range(0, 30, 3):
+        del in_flight[f"r{i}"]
+    assert ledger.loads(keys[0], in_flight) == {}
+    assert len(ledger) == 20  # checked when its key was asked for
+    ledger.prune({})
+    assert len(ledger) == 0 and ledger.loads(keys[1], in_flight) == {}
+    # keys that never come back are pruned once the ledger outgrows what is in flight
+    for i in range(3000):
+        ledger.record(i.to_bytes(16, "little"), f"once{i}", 0, {})
+    assert len(ledger) <= 1025
+
+
 def test_an_explicit_rank_wins(hooked):
     client = make_client(hooked, 2)
     for i, (_, _, tokens) in enumerate(group_prompts(4, 2)):

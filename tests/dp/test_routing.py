@@ -342,3 +342,68 @@ def test_with_slack_the_busiest_rank_stays_within_mean_plus_slack(n, eps, slack,
 def test_negative_slack_is_an_error():
     with pytest.raises(ValueError, match="slack"):
         rank_for(key_of(1), [0, 0], slack=-1)
+
+
+# ------------------------------------------------------------ key share
+
+@given(keys, st.integers(2, 8), eps_values, st.integers(0, 16),
+       st.sampled_from([0.0, 0.25, 0.5, 0.75]), st.data())
+def test_a_key_past_its_share_takes_its_next_rank_within_the_bound(key, n, eps, slack, share,
+                                                                     data):
+    loads = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
+    key_load = {r: data.draw(st.integers(0, loads[r])) for r in range(n)}
+    total = sum(loads)
+    cap = load_cap(total, n, eps, 1.0, slack)
+    share_cap = max(share * cap, slack, 1.0)
+    chosen = rank_for(key, loads, eps, slack=slack, key_load=key_load, key_share=share)
+    within = [r for r in hrw_order(key, range(n)) if loads[r] + 1 <= cap]
+    assert within  # integer loads: the least loaded rank is within the bound
+    under_share = [r for r in within if key_load[r] + 1 <= share_cap]
+    assert chosen == (under_share or within)[0]
+    # no share, or no count: the bound alone
+    plain = rank_for(key, loads, eps, slack=slack)
+    assert rank_for(key, loads, eps, slack=slack, key_load=key_load, key_share=1.0) == plain
+    assert rank_for(key, loads, eps, slack=slack, key_load=None, key_share=share) == plain
+    if all(v == 0 for v in key_load.values()):
+        assert chosen == plain
+
+
+def test_a_hot_key_is_split_and_the_other_groups_stay_whole():
+    """A burst of 512 onto 2 ranks of 256 seats: one key is half of it, 32
+    groups of 8 the rest.  By the bound and the seats alone the hot key fills
+    its first rank, whose other groups are turned away to the second rank
+    (computed there, and the two ranks hold equal counts of unequal work).
+    With the key share the hot key is split far more evenly and fewer other
+    groups are split (the 32 groups' first choices need not split 16/16, so
+    some still overflow)."""
+    import random
+
+    rng = random.Random(11)
+    hot = key_of(10**6)
+    stream = [hot] * 256 + [key_of(g) for g in range(32) for _ in range(8)]
+    rng.shuffle(stream)
+
+    def route(share):
+        loads, in_flight, pairs = [0, 0], {}, set()
+        for k in stream:
+            r = rank_for(k, loads, DEFAULT_LOAD_BOUND, capacity=256, slack=8,
+                         key_load=in_flight.get(k, {}), key_share=share)
+            loads[r] += 1
+            in_flight.setdefault(k, {}).setdefault(r, 0)
+            in_flight[k][r] += 1
+            pairs.add((k, r))
+        return loads, in_flight[hot], len(pairs) - 2  # the other groups' (group, rank) pairs
+
+    loads, hot_split, split_before = route(1.0)
+    assert loads == [256, 256]
+    assert min(hot_split.values(), default=0) < 0.3 * 256, hot_split
+    assert split_before > 32 + 8  # groups of the hot key's rank turned away
+    loads, hot_split, others = route(0.5)
+    assert loads == [256, 256]
+    assert min(hot_split.values()) > 0.4 * 256, hot_split
+    assert others < split_before, (others, split_before)
+
+
+def test_negative_key_share_is_an_error():
+    with pytest.raises(ValueError, match="key_share"):
+        rank_for(key_of(1), [0, 0], key_load={0: 1}, key_share=-0.1)

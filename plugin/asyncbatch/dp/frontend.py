@@ -16,11 +16,12 @@ when the engines run ``asyncbatch.Scheduler``.  When it is on and the request
 names no rank (``data_parallel_rank`` / HTTP ``X-data-parallel-rank``), is not
 a pooling request, is not a chunk of an open streaming-input session and has a
 prompt of at least one whole KV block, the rank is
-`asyncbatch.dp.routing.rank_for` of its prefix key and the client's load view;
-vLLM's own method then records the choice (abort routing, in-flight counts)
-as for a request that named that rank, and the load view gets the same local
-increment vLLM's balancer gives it.  Every other request goes through vLLM's
-method unchanged.
+`asyncbatch.dp.routing.rank_for` of its prefix key and the client's load view
+(and, for the key share, the client's own count of that key's requests in
+flight per engine: `KeyLedger`); vLLM's own method then records the choice
+(abort routing, in-flight counts) as for a request that named that rank, and
+the load view gets the same local increment vLLM's balancer gives it.  Every
+other request goes through vLLM's method unchanged.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ import importlib.machinery
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from asyncbatch.dp.routing import key_length, prefix_key, rank_for
+from asyncbatch.dp.routing import DEFAULT_KEY_SHARE, key_length, prefix_key, rank_for
 
 TARGET_MODULE = "vllm.v1.engine.core_client"
 TARGET_CLASS = "DPLBAsyncMPClient"
@@ -45,6 +46,8 @@ METHOD = "get_core_engine_for_request"
 ORIGINAL_ATTR = "_asyncbatch_original_get_core_engine_for_request"
 # the per-client decision, on the client instance
 ROUTER_ATTR = "_asyncbatch_dp_router"
+# the per-client KeyLedger, on the client instance
+LEDGER_ATTR = "_asyncbatch_dp_ledger"
 
 # Under vLLM's logger, so that its handler and VLLM_LOGGING_LEVEL apply.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -62,6 +65,9 @@ class Router:
     seats: int | None = None
     # requests an engine may hold above the mean (dp_load_slack)
     slack: float = 0.0
+    # most of an engine's cap one key may hold (dp_key_share); applies when
+    # `choose` is given a ledger
+    key_share: float = DEFAULT_KEY_SHARE
 
     def key(self, request: Any) -> bytes | None:
         tokens = getattr(request, "prompt_token_ids", None)
@@ -74,19 +80,91 @@ class Router:
                           lora_name=getattr(lora, "lora_name", None) if lora else None,
                           extra=_mm_identifiers(request, covered))
 
-    def choose(self, request: Any, loads: Sequence[float], client_count: int = 1
+    def choose(self, request: Any, loads: Sequence[float], client_count: int = 1,
+               ledger: KeyLedger | None = None, in_flight: Container[str] = ()
                ) -> int | None:
         """The rank for ``request``, or None to leave it to vLLM.  ``loads`` are in
         units of one request routed by this client, one of ``client_count`` API
         servers (`asyncbatch._compat.dp_engine_loads`), so an engine's seats
-        count ``seats / client_count`` of those units."""
+        count ``seats / client_count`` of those units.  With a ``ledger`` (this
+        client's requests by key; ``in_flight``: the ids of this client's
+        requests that have not finished) the key share applies and the choice
+        is recorded there."""
         key = self.key(request)
         if key is None or not loads:
             return None
         clients = max(1, client_count)
         capacity = max(1.0, self.seats / clients) if self.seats else None
-        return rank_for(key, loads, self.load_bound, capacity=capacity,
-                        slack=self.slack / clients)
+        key_load = ledger.loads(key, in_flight) if ledger is not None else None
+        rank = rank_for(key, loads, self.load_bound, capacity=capacity,
+                        slack=self.slack / clients, key_load=key_load,
+                        key_share=self.key_share)
+        if ledger is not None:
+            ledger.record(key, request.request_id, rank, in_flight)
+        return rank
+
+
+class KeyLedger:
+    """The requests one front end routed by key, for the key share: each key's
+    requests per rank that are still in flight.
+
+    Whether a request is still in flight is asked of the caller's ``in_flight``
+    (vLLM's client keeps ``reqs_in_flight`` for abort routing and drops a
+    request when its engine reports it finished), so the ledger needs no hook
+    on completion: a key's entries are checked when that key is routed again,
+    and all entries once the ledger holds more than twice the requests in
+    flight (plus 1,024), so keys that never come back do not accumulate."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[bytes, dict[str, int]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def loads(self, key: bytes, in_flight: Container[str]) -> dict[int, float]:
+        """``key``'s requests in flight per rank."""
+        entries = self._by_key.get(key)
+        if not entries:
+            return {}
+        gone = [rid for rid in entries if rid not in in_flight]
+        for rid in gone:
+            del entries[rid]
+        self._size -= len(gone)
+        if not entries:
+            del self._by_key[key]
+            return {}
+        counts: dict[int, float] = {}
+        for rank in entries.values():
+            counts[rank] = counts.get(rank, 0.0) + 1.0
+        return counts
+
+    def record(self, key: bytes, request_id: str, rank: int,
+               in_flight: Container[str]) -> None:
+        """``request_id`` (not in flight yet: it is being routed) went to ``rank``."""
+        if self._size > 2 * _size_of(in_flight) + 1024:
+            self.prune(in_flight)
+        entries = self._by_key.setdefault(key, {})
+        if request_id not in entries:
+            self._size += 1
+        entries[request_id] = rank
+
+    def prune(self, in_flight: Container[str]) -> None:
+        """Forget every request not in ``in_flight``."""
+        for key in list(self._by_key):
+            entries = self._by_key[key]
+            for rid in [r for r in entries if r not in in_flight]:
+                del entries[rid]
+            if not entries:
+                del self._by_key[key]
+        self._size = sum(len(e) for e in self._by_key.values())
+
+
+def _size_of(container: Container[str]) -> int:
+    try:
+        return len(container)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
 
 
 def _mm_identifiers(request: Any, covered: int) -> list[str]:
@@ -121,13 +199,14 @@ def decide(vllm_config: Any, num_engines: int) -> tuple[Router | None, str]:
     router = Router(block_size=int(block_size), prefix_tokens=settings.dp_prefix_tokens,
                     load_bound=settings.dp_load_bound,
                     seats=int(seats) if isinstance(seats, int) and seats > 0 else None,
-                    slack=settings.dp_load_slack)
+                    slack=settings.dp_load_slack, key_share=settings.dp_key_share)
     covered = key_length(settings.dp_prefix_tokens, router.block_size,
                          settings.dp_prefix_tokens)
     return router, (f"dp_routing {settings.dp_routing!r}: key = first {covered} tokens "
                     f"(blocks of {router.block_size}), load bound 1 + {settings.dp_load_bound:g}"
                     f" with a slack of {settings.dp_load_slack:g} requests, "
-                    f"{router.seats or 'unlimited'} seats per engine")
+                    f"{router.seats or 'unlimited'} seats per engine, key share "
+                    f"{settings.dp_key_share:g}")
 
 
 def router_of(client: Any) -> Router | None:
@@ -163,7 +242,11 @@ def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any
     try:
         loads = _compat.dp_engine_loads(client)
         loads = loads[:len(client.core_engines)]
-        rank = router.choose(request, loads, _compat.dp_client_count(client))
+        ledger = client.__dict__.get(LEDGER_ATTR)
+        if ledger is None:
+            ledger = client.__dict__[LEDGER_ATTR] = KeyLedger()
+        rank = router.choose(request, loads, _compat.dp_client_count(client), ledger,
+                             getattr(client, "reqs_in_flight", None) or {})
     except Exception:  # never let routing fail a request: vLLM balances it
         logger.exception("asyncbatch: data-parallel prefix routing failed for request %s; "
                          "vLLM's balancing takes it", getattr(request, "request_id", "?"))

@@ -43,6 +43,19 @@ engine that has room (one prefill).  When every rank is full, seats are not
 considered.  Without this, a burst that fills the engines exactly (stock's
 strict alternation) would leave the ranks that the bound lets run a few
 requests over ``max_num_seqs`` with a second wave of those few requests.
+
+**Key share** (``key_load``, ``key_share``, optional): one key may hold at most
+``key_share`` of a rank's cap (at least ``slack``); past that its requests go
+to the next rank in its order that is within the bound.  A hot prefix is then
+spread over several ranks before it fills one, and the groups whose first
+choice that rank is keep it.  Without it, the rank a hot prefix prefers fills
+up with that prefix's requests (cheap: their prefix is cached) and turns away
+every other key that prefers it (expensive: their prefixes are computed a
+second time elsewhere), so the ranks hold equal numbers of requests but
+unequal work.  The key's load per rank is the caller's to count (the requests
+with that key it routed and that are still in flight); it is the only input
+that is not the request's own or the load view, so API servers that each
+count their own requests agree on the order, not on the exact spill point.
 """
 
 from __future__ import annotations
@@ -55,8 +68,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "DEFAULT_LOAD_BOUND", "DEFAULT_LOAD_SLACK", "DEFAULT_PREFIX_TOKENS", "KEY_SIZE", "hrw_order",
-    "key_length", "load_cap", "prefix_key", "rank_for",
+    "DEFAULT_KEY_SHARE", "DEFAULT_LOAD_BOUND", "DEFAULT_LOAD_SLACK", "DEFAULT_PREFIX_TOKENS",
+    "KEY_SIZE", "hrw_order", "key_length", "load_cap", "prefix_key", "rank_for",
 ]
 
 # Default ``eps`` of the load bound.  With two ranks the busier holds at most
@@ -76,6 +89,9 @@ DEFAULT_LOAD_SLACK = 8.0
 # of a conversation (whose first turn is usually longer than this) and prompts
 # sharing a long prefix map to the same key.
 DEFAULT_PREFIX_TOKENS = 64
+# Default key share: one key may hold half of a rank's cap.  With two ranks a
+# key that is half the traffic is then split about evenly over both.
+DEFAULT_KEY_SHARE = 0.5
 KEY_SIZE = 16
 _KEY_DOMAIN = b"asyncbatch.dp.key.v1"
 _LITTLE = sys.byteorder == "little"
@@ -159,7 +175,8 @@ def _as_mapping(loads: Sequence[float] | Mapping[int, float]) -> Mapping[int, fl
 def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
              eps: float = DEFAULT_LOAD_BOUND, *, cost: float = 1.0,
              explicit: int | None = None, capacity: float | None = None,
-             slack: float = 0.0) -> int:
+             slack: float = 0.0, key_load: Mapping[int, float] | None = None,
+             key_share: float = 1.0) -> int:
     """The rank that serves a request.
 
     Args:
@@ -178,9 +195,16 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         slack: a rank may always hold ``slack`` more than the mean (rounded
             up), in the units of ``loads``: at low load the relative bound
             alone would move a group over a difference of a request or two.
+        key_load: this key's load on each rank (absent: 0), in the units of
+            ``loads``: the requests with this key the caller routed there that
+            are still in flight.  None: not counted (no key share).
+        key_share: the most of a rank's cap the key may hold, at least
+            ``slack`` (and one request); past it the key's next rank within
+            the bound takes the request, if there is one.  ``>= 1``: no limit.
 
     Raises:
-        ValueError: no ranks, a negative ``eps`` or a capacity below ``cost``.
+        ValueError: no ranks, a negative ``eps``, ``slack`` or ``key_share``,
+            or a capacity below ``cost``.
     """
     if explicit is not None:
         return explicit
@@ -191,6 +215,8 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         raise ValueError(f"the load bound eps must be >= 0, got {eps}")
     if slack < 0:
         raise ValueError(f"slack must be >= 0, got {slack}")
+    if not key_share >= 0:
+        raise ValueError(f"key_share must be >= 0, got {key_share}")
     if capacity is not None and capacity < cost:
         raise ValueError(f"capacity {capacity} is below the cost of one request ({cost})")
     current = {r: max(0.0, float(v)) for r, v in view.items()}
@@ -208,8 +234,13 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
     if math.isinf(eps):
         return order[0]
     cap = load_cap(sum(current.values()), len(current), eps, cost, slack)
-    for rank in order:
-        if current[rank] + cost <= cap:
-            return rank
+    within = [r for r in order if current[r] + cost <= cap]
+    if key_load and key_share < 1.0:
+        share_cap = max(key_share * cap, slack, cost)
+        for rank in within:
+            if max(0.0, float(key_load.get(rank, 0.0))) + cost <= share_cap:
+                return rank
+    if within:
+        return within[0]
     position = {r: i for i, r in enumerate(order)}
     return min(order, key=lambda r: (current[r], position[r]))

@@ -32,12 +32,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from asyncbatch.dp.frontend import Router
-from asyncbatch.dp.routing import DEFAULT_LOAD_BOUND, DEFAULT_LOAD_SLACK, DEFAULT_PREFIX_TOKENS
+from asyncbatch.dp.frontend import KeyLedger, Router
+from asyncbatch.dp.routing import (
+    DEFAULT_KEY_SHARE,
+    DEFAULT_LOAD_BOUND,
+    DEFAULT_LOAD_SLACK,
+    DEFAULT_PREFIX_TOKENS,
+)
 from asyncbatch.sim.costmodel import CostModel, StepClock, step_features
 
-# A front end's choice: (prompt token ids, [[waiting, running], ...]) -> rank
-Route = Callable[[Sequence[int], list[list[float]]], int]
+# A front end's choice: (prompt token ids, [[waiting, running], ...], request id)
+# -> rank.  A front end with a ``finished(request_id)`` method is told when each
+# request it routed finishes.
+Route = Callable[[Sequence[int], list[list[float]], str], int]
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ class VllmBalancer:
     def __init__(self) -> None:
         self.start = 0
 
-    def __call__(self, prompt: Sequence[int], counts: list[list[float]]) -> int:
+    def __call__(self, prompt: Sequence[int], counts: list[list[float]],
+                 request_id: str = "") -> int:
         n = len(counts)
         best, chosen = math.inf, 0
         for i in range(n):
@@ -101,21 +109,31 @@ class VllmBalancer:
 
 
 class PrefixRouter:
-    """asyncbatch's routing, the front end's own `asyncbatch.dp.frontend.Router`,
-    on the same view: load = waiting + running, ``seats`` requests per engine
-    (None: no limit); a prompt it leaves to vLLM goes to `VllmBalancer`."""
+    """asyncbatch's routing, the front end's own `asyncbatch.dp.frontend.Router`
+    and `asyncbatch.dp.frontend.KeyLedger`, on the same view: load = waiting +
+    running, ``seats`` requests per engine (None: no limit); a prompt it leaves
+    to vLLM goes to `VllmBalancer`."""
 
     def __init__(self, *, block_size: int = 16, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
                  eps: float = DEFAULT_LOAD_BOUND, seats: int | None = None,
-                 slack: float = DEFAULT_LOAD_SLACK) -> None:
+                 slack: float = DEFAULT_LOAD_SLACK,
+                 key_share: float = DEFAULT_KEY_SHARE) -> None:
         self.router = Router(block_size=block_size, prefix_tokens=prefix_tokens,
-                             load_bound=eps, seats=seats, slack=slack)
+                             load_bound=eps, seats=seats, slack=slack, key_share=key_share)
         self._balance = VllmBalancer()
+        self._ledger = KeyLedger()
+        self._in_flight: set[str] = set()
 
-    def __call__(self, prompt: Sequence[int], counts: list[list[float]]) -> int:
-        rank = self.router.choose(SimpleNamespace(prompt_token_ids=prompt),
-                                  [w + r for w, r in counts])
+    def __call__(self, prompt: Sequence[int], counts: list[list[float]],
+                 request_id: str = "") -> int:
+        rank = self.router.choose(SimpleNamespace(prompt_token_ids=prompt, request_id=request_id),
+                                  [w + r for w, r in counts], ledger=self._ledger,
+                                  in_flight=self._in_flight)
+        self._in_flight.add(request_id)
         return self._balance(prompt, counts) if rank is None else rank
+
+    def finished(self, request_id: str) -> None:
+        self._in_flight.discard(request_id)
 
 
 class _Engine:
@@ -206,6 +224,7 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             additional_config=additional_config, async_scheduling=True)
         engines.append(_Engine(i, scheduler, cost_model, depth))
     times: dict[str, RequestTimes] = {}
+    finished = getattr(route, "finished", None)
 
     def record(o: Any, t: float) -> None:
         rt = times[o.request_id]
@@ -213,6 +232,8 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             rt.first_token_s = t
         if o.finish_reason is not None:
             rt.finish_s = t
+            if finished is not None:
+                finished(o.request_id)
             if progress is not None:
                 progress(1)
 
@@ -245,7 +266,7 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             if a.time_s - published >= publish_s:
                 view = [e.counts() for e in engines]
                 published = a.time_s
-            rank = route(a.prompt, view)
+            rank = route(a.prompt, view, a.request_id)
             if not 0 <= rank < num_engines:
                 raise ValueError(f"route chose engine {rank} of {num_engines}")
             view[rank][0] += 1
