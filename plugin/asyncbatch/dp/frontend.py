@@ -233,9 +233,10 @@ def router_of(client: Any) -> Router | None:
 def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any:
     """``get_core_engine_for_request`` with prefix routing."""
     router = router_of(client)
+    in_flight = getattr(client, "reqs_in_flight", None) or {}
     if (router is None or getattr(request, "data_parallel_rank", None) is not None
             or getattr(request, "pooling_params", None) is not None
-            or request.request_id in getattr(client, "reqs_in_flight", {})):
+            or request.request_id in in_flight):
         return original(client, request)
     from asyncbatch import _compat
 
@@ -246,7 +247,7 @@ def route(client: Any, request: Any, original: Callable[[Any, Any], Any]) -> Any
         if ledger is None:
             ledger = client.__dict__[LEDGER_ATTR] = KeyLedger()
         rank = router.choose(request, loads, _compat.dp_client_count(client), ledger,
-                             getattr(client, "reqs_in_flight", None) or {})
+                             in_flight)
     except Exception:  # never let routing fail a request: vLLM balances it
         logger.exception("asyncbatch: data-parallel prefix routing failed for request %s; "
                          "vLLM's balancing takes it", getattr(request, "request_id", "?"))
