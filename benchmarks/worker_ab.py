@@ -4,6 +4,9 @@
     python3 benchmarks/worker_ab.py --shape llama-1b --repeats 2 --out DIR
     python3 benchmarks/worker_ab.py --long --repeats 2 --repeat-offset 0|2|4 --out DIR
         # long runs (timed parts >= 30 s), split over three commands; then --pool the files
+    python3 benchmarks/worker_ab.py --resident --long --variants async,depth3,grouped \
+        --workload random --workload prefix --out DIR
+        # one engine per variant, started once; timed parts alternate between them
 
 Variants (every run a fresh ``vllm.LLM`` in its own process, ABBA order; the
 default is ``async,async+cg1024,depth3``: stock as it ships, stock with the same
@@ -21,6 +24,9 @@ CUDA graphs as the worker, and the worker):
 - ``sched``: ``asyncbatch.Scheduler`` alone (pass-through ``fcfs``, its decode fast
   paths) with vLLM's own worker, two in flight; ``sched+cg1024`` against
   ``async+cg1024`` and ``depth3`` separates the fast path from the worker.
+- ``grouped``: ``asyncbatch.Scheduler`` alone with its default settings (prefix
+  groups, decode first, the KV forecast, the fast paths) and vLLM's own worker: the
+  scheduler as users turn it on with ``--scheduler-cls`` only.
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 - a last suffix ``~swN`` on any (``depth3~sw200``) sets Python's thread switch
@@ -28,6 +34,22 @@ CUDA graphs as the worker, and the worker):
   process of the run (through ``benchmarks/stack_sampling/sitecustomize.py``).  The
   engine processes each have a main thread and an output thread that take turns on
   the GIL; a thread that wants the GIL back waits up to one interval.
+
+**Resident engines** (``--resident``): every run above pays an engine start (20-60 s)
+for one timed part.  With ``--resident`` each variant's engine starts once, in its own
+process, one after the other (so that each sizes its KV cache with the others already
+resident), each with ``--gpu-memory-utilization`` (default 0.88 / number of variants),
+and the timed parts go to them in A B B A order; the engines that wait are idle
+(vLLM's shared-memory readers stop polling after 1 s without work).  Part ``k`` of
+every variant generates the same prompts (seed ``k``), after ``reset_prefix_cache``.
+Greedy parity is generated once per engine, after its start.  One result file per
+workload (``--workload``, repeatable):
+
+- ``random`` (default): ``--num-prompts`` x ``--input-len`` / ``--output-len``;
+- ``prefix[:groups=G,size=S,prefix=P,suffix=X,out=O]``: G groups of S prompts that share
+  a P-token prefix, each with X tokens of its own, O tokens out, shuffled so the groups
+  arrive interleaved (default 256 x 32, 1024 + 64 in, 192 out: no KV pressure);
+- a suffix ``@v1,v2`` runs a workload on those variants only (``prefix@async,grouped``).
 
 All use ``distributed_executor_backend="mp"`` (stock vLLM's faster option for
 small models) and vLLM's defaults for everything else.  Each run times one
@@ -94,6 +116,8 @@ def engine_args(variant: str) -> dict[str, Any]:
     elif variant == "sched":
         args.update(scheduler_cls="asyncbatch.Scheduler",
                     additional_config={"asyncbatch": {"policy": "fcfs"}})
+    elif variant == "grouped":
+        args.update(scheduler_cls="asyncbatch.Scheduler")
     elif variant == "full3":
         args.update(scheduler_cls="asyncbatch.Scheduler", worker_cls="asyncbatch.Worker",
                     additional_config={"asyncbatch": {"pipeline_depth": 3}})
@@ -207,73 +231,311 @@ def _worker_graph_ceiling(worker: Any) -> int:
     return int(worker.vllm_config.compilation_config.max_cudagraph_capture_size or 0)
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "plugin"))
-    # collective_rpc of a local function (the buffer-depth probe) goes by pickle
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def workload_prompts(workload: dict[str, Any], seed: int) -> tuple[list[list[int]], int]:
+    """The token ids of one timed part of ``workload`` and its ``max_tokens``."""
+    rng = random.Random(seed)
+    if workload["kind"] == "random":
+        prompts = [[rng.randrange(100, 30000) for _ in range(workload["input_len"])]
+                   for _ in range(workload["num_prompts"])]
+        return prompts, workload["output_len"]
+    if workload["kind"] == "prefix":
+        prompts = []
+        for _ in range(workload["groups"]):
+            shared = [rng.randrange(100, 30000) for _ in range(workload["prefix"])]
+            prompts += [shared + [rng.randrange(100, 30000) for _ in range(workload["suffix"])]
+                        for _ in range(workload["size"])]
+        rng.shuffle(prompts)  # the groups arrive interleaved
+        return prompts, workload["out"]
+    raise ValueError(f"unknown workload kind {workload['kind']!r}")
 
-    t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], tokenizer=spec["model"], load_format="dummy",
-              **engine_args(spec["variant"]))
-    startup_s = time.perf_counter() - t0
+
+PREFIX_DEFAULTS = {"groups": 256, "size": 32, "prefix": 1024, "suffix": 64, "out": 192}
+
+
+def parse_workload(text: str, a: argparse.Namespace) -> dict[str, Any]:
+    """``random`` or ``prefix[:k=v,...]`` (keys of `PREFIX_DEFAULTS`) as a workload dict."""
+    name, _, params = text.partition(":")
+    if name == "random":
+        if params:
+            raise SystemExit("workload random takes --num-prompts/--input-len/--output-len, "
+                             f"not parameters ({text!r})")
+        return {"kind": "random", "num_prompts": a.num_prompts, "input_len": a.input_len,
+                "output_len": a.output_len}
+    if name != "prefix":
+        raise SystemExit(f"unknown workload {text!r}: random or prefix[:k=v,...]")
+    workload: dict[str, Any] = {"kind": "prefix", **PREFIX_DEFAULTS}
+    for item in filter(None, params.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in PREFIX_DEFAULTS or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"bad workload parameter {item!r} in {text!r}: one of "
+                             f"{', '.join(PREFIX_DEFAULTS)} = a positive integer")
+        workload[key] = int(value)
+    return workload
+
+
+def engine_info(llm: Any, variant: str, startup_s: float) -> dict[str, Any]:
     vc = llm.llm_engine.vllm_config
-    out: dict[str, Any] = {
-        "variant": spec["variant"], "startup_s": startup_s,
+    return {
+        "variant": variant, "startup_s": startup_s,
         "worker_switch_interval_s": llm.collective_rpc(_worker_switch_interval),
         "max_num_seqs": vc.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
         "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
+        # what the worker processes actually built (round-robin input buffers per pool)
+        "worker_buffer_depth": llm.collective_rpc(_worker_buffer_depth),
+        # ... and the largest batch, in tokens, they run as a CUDA graph
+        "worker_cuda_graph_max_tokens": llm.collective_rpc(_worker_graph_ceiling),
     }
-    # what the worker processes actually built (round-robin input buffers per pool)
-    out["worker_buffer_depth"] = llm.collective_rpc(_worker_buffer_depth)
-    # ... and the largest batch, in tokens, they run as a CUDA graph
-    out["worker_cuda_graph_max_tokens"] = llm.collective_rpc(_worker_graph_ceiling)
-    rng = random.Random(0)
-    n, lin, lout = spec["num_prompts"], spec["input_len"], spec["output_len"]
-    if n:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000)
-                                                  for _ in range(lin)]) for _ in range(n)]
-        params = SamplingParams(max_tokens=lout, ignore_eos=True, temperature=1.0)
-        llm.generate(prompts[:16], SamplingParams(max_tokens=8, ignore_eos=True),
-                     use_tqdm=False)
-        llm.reset_prefix_cache()
-        allocator_before = llm.collective_rpc(_worker_allocator_stats)
-        sampler = UtilSampler()
-        sampler.start()
-        threads = ThreadCpu()
-        gate = os.environ.get("ASYNCBATCH_STACK_SAMPLES_GATE")
-        if gate:  # the engine's stack samplers count from here ...
-            Path(gate).touch()
-        t1 = time.perf_counter()
-        res = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t1
-        if gate:  # ... to here
-            Path(gate).unlink()
-        out["host_threads"] = threads.busiest()
-        util = sampler.stop()
-        # allocator activity during the timed call, per worker
-        out["worker_allocator"] = [
-            {k: after[k] - before[k] if k.startswith("num_") else after[k] for k in after}
-            for before, after in zip(allocator_before,
-                                     llm.collective_rpc(_worker_allocator_stats), strict=True)]
-        n_out = sum(len(r.outputs[0].token_ids) for r in res)
-        n_in = sum(len(r.prompt_token_ids or ()) for r in res)
-        # the first and last 10% of samples are ramp-up and tail
-        k = len(util) // 10
-        steady = util[k:len(util) - k] or util
-        out.update(elapsed_s=elapsed, output_tok_s=n_out / elapsed,
-                   total_tok_s=(n_in + n_out) / elapsed, num_output_tokens=n_out,
-                   nvml_util_mean=statistics.fmean(util) if util else None,
-                   nvml_util_steady=statistics.fmean(steady) if steady else None,
-                   nvml_samples=len(util))
+
+
+def timed_part(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """One timed ``llm.generate`` (``ignore_eos``, temperature 1) after
+    ``reset_prefix_cache``, with NVML sampling and per-thread CPU time."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0)
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.reset_prefix_cache()
+    allocator_before = llm.collective_rpc(_worker_allocator_stats)
+    sampler = UtilSampler()
+    sampler.start()
+    threads = ThreadCpu()
+    gate = os.environ.get("ASYNCBATCH_STACK_SAMPLES_GATE")
+    if gate:  # the engine's stack samplers count from here ...
+        Path(gate).touch()
+    t1 = time.perf_counter()
+    res = llm.generate(requests, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t1
+    if gate:  # ... to here
+        Path(gate).unlink()
+    out: dict[str, Any] = {"host_threads": threads.busiest()}
+    util = sampler.stop()
+    # allocator activity during the timed call, per worker
+    out["worker_allocator"] = [
+        {k: after[k] - before[k] if k.startswith("num_") else after[k] for k in after}
+        for before, after in zip(allocator_before,
+                                 llm.collective_rpc(_worker_allocator_stats), strict=True)]
+    n_out = sum(len(r.outputs[0].token_ids) for r in res)
+    n_in = sum(len(r.prompt_token_ids or ()) for r in res)
+    # the first and last 10% of samples are ramp-up and tail
+    k = len(util) // 10
+    steady = util[k:len(util) - k] or util
+    out.update(elapsed_s=elapsed, output_tok_s=n_out / elapsed,
+               total_tok_s=(n_in + n_out) / elapsed, num_output_tokens=n_out,
+               nvml_util_mean=statistics.fmean(util) if util else None,
+               nvml_util_steady=statistics.fmean(steady) if steady else None,
+               nvml_samples=len(util))
+    return out
+
+
+def warm_up(llm: Any) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(12345)
+    llm.generate([TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(512)])
+                  for _ in range(16)], SamplingParams(max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)
+
+
+def parity_tokens(llm: Any) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     pp, mt = parity_prompts()
     res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pp],
                        [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
                         for m in mt], use_tqdm=False)
-    out["parity_tokens"] = [list(r.outputs[0].token_ids) for r in res]
+    return [list(r.outputs[0].token_ids) for r in res]
+
+
+def make_llm(spec: dict[str, Any]) -> tuple[Any, float]:
+    sys.path.insert(0, str(ROOT / "plugin"))
+    # collective_rpc of a local function (the buffer-depth probe) goes by pickle
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    from vllm import LLM
+
+    args = engine_args(spec["variant"])
+    if spec.get("gpu_memory_utilization"):
+        args["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], tokenizer=spec["model"], load_format="dummy", **args)
+    return llm, time.perf_counter() - t0
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    llm, startup_s = make_llm(spec)
+    out = engine_info(llm, spec["variant"], startup_s)
+    if spec["num_prompts"]:
+        workload = {"kind": "random", "num_prompts": spec["num_prompts"],
+                    "input_len": spec["input_len"], "output_len": spec["output_len"]}
+        prompts, max_tokens = workload_prompts(workload, 0)
+        warm_up(llm)
+        out.update(timed_part(llm, prompts, max_tokens))
+    out["parity_tokens"] = parity_tokens(llm)
     return out
+
+
+def _write_atomic(path: Path, doc: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+
+
+def resident_child(spec: dict[str, Any]) -> None:
+    """Start one engine, write its `engine_info` and parity tokens to
+    ``spec["ready"]``, then run one timed part per line of stdin (JSON: workload,
+    seed, result path) until a line ``{"quit": true}`` or the end of stdin."""
+    llm, startup_s = make_llm(spec)
+    info = engine_info(llm, spec["variant"], startup_s)
+    info["parity_tokens"] = parity_tokens(llm)
+    warm_up(llm)
+    _write_atomic(Path(spec["ready"]), info)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        prompts, max_tokens = workload_prompts(cmd["workload"], cmd["seed"])
+        _write_atomic(Path(cmd["result"]), timed_part(llm, prompts, max_tokens))
+
+
+def serve_command(spec_path: Path) -> list[str]:
+    """The command line of one resident engine process."""
+    return [sys.executable, __file__, "--serve", str(spec_path)]
+
+
+class Resident:
+    """The parent's handle on one `resident_child` process."""
+
+    def __init__(self, variant: str, spec: dict[str, Any], log: Path, env: dict[str, str]):
+        self.variant, self.log = variant, log
+        self.info: dict[str, Any] = {}
+        self.ready = Path(spec["ready"])
+        self.ready.unlink(missing_ok=True)
+        spec_path = log.with_suffix(".spec.json")
+        spec_path.write_text(json.dumps(spec))
+        self._log = open(log, "w")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            serve_command(spec_path), stdin=subprocess.PIPE, stdout=self._log,
+            stderr=subprocess.STDOUT, text=True, env=env)
+
+    def _wait_file(self, path: Path, timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if self.proc.poll() is not None:
+                tail = "".join(self.log.read_text().splitlines(True)[-40:])
+                raise RuntimeError(f"{self.variant}: engine process exited (rc "
+                                   f"{self.proc.returncode}) during {what}; log {self.log}:\n"
+                                   f"{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.variant}: {what} took over {timeout:g} s; log "
+                                   f"{self.log}")
+            time.sleep(0.2)
+        doc = json.loads(path.read_text())
+        path.unlink()
+        return doc
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        self.info = self._wait_file(self.ready, timeout, "engine start")
+        return self.info
+
+    def run(self, workload: dict[str, Any], seed: int, result: Path,
+            timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        result.unlink(missing_ok=True)
+        self.proc.stdin.write(json.dumps({"workload": workload, "seed": seed,
+                                          "result": str(result)}) + "\n")
+        self.proc.stdin.flush()
+        return self._wait_file(result, timeout, "a timed part")
+
+    def close(self, timeout: float = 120) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.close()
+            self.proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._log.close()
+
+
+def split_variants(text: str, variants: list[str]) -> tuple[str, list[str]]:
+    """``WORKLOAD[@v1,v2,...]``: the workload and the variants that run it (default:
+    all of ``variants``; ratios are against the first)."""
+    workload, sep, names = text.partition("@")
+    if not sep:
+        return workload, variants
+    subset = names.split(",")
+    unknown = [v for v in subset if v not in variants]
+    if unknown or len(set(subset)) != len(subset) or not all(subset):
+        raise SystemExit(f"--workload {text!r}: the variants after @ must be distinct and "
+                         f"among --variants ({', '.join(variants)})")
+    return workload, subset
+
+
+def run_resident(a: argparse.Namespace, model: str, variants: list[str],
+                 workloads: list[tuple[dict[str, Any], list[str]]], stamp: str) -> int:
+    """``--resident``: one engine per variant for the whole command (see the module
+    docstring); one result file per workload (run by its own list of variants),
+    written after every timed part."""
+    util = a.gpu_memory_utilization or round(0.88 / len(variants), 3)
+    env = {**os.environ}
+    engines: dict[str, Resident] = {}
+    failed = False
+    try:
+        for v in variants:  # one after the other: each sizes its KV cache with the
+            # earlier ones resident
+            log = a.out / f"engine-{stamp}-{v}.log"
+            spec = {"model": model, "variant": v, "gpu_memory_utilization": util,
+                    "ready": str(a.out / f".ready-{stamp}-{v}.json")}
+            engines[v] = Resident(v, spec, log, env)
+            info = engines[v].wait_ready(a.timeout)
+            print(f"{v}: engine up in {info['startup_s']:.0f} s, {info['num_gpu_blocks']} KV "
+                  f"blocks, CUDA graphs up to {info['worker_cuda_graph_max_tokens']} tokens",
+                  flush=True)
+        for workload, names in workloads:
+            plan = abba_plan(names, a.repeats, a.repeat_offset)
+            path = a.out / f"worker-ab-{a.shape}-{workload['kind']}-resident-{stamp}.json"
+            runs: list[dict[str, Any]] = []
+            for i, (v, k) in enumerate(plan):
+                t0 = time.perf_counter()
+                r = engines[v].run(workload, k, a.out / f".part-{stamp}.json", a.timeout)
+                r = {**engines[v].info, **r, "order": i, "repeat": k, "sync_check": False,
+                     "wall_s": time.perf_counter() - t0}
+                runs.append(r)
+                write_result(path, a, names, runs, complete=False, workload=workload)
+                print(f"[{workload['kind']} {i}] {v} (part {k}): {r['output_tok_s']:,.0f} out "
+                      f"tok/s in {r['elapsed_s']:.1f} s, NVML {r['nvml_util_steady']:.0f}%",
+                      flush=True)
+            doc = write_result(path, a, names, runs, complete=True, workload=workload)
+            failed |= report(doc, a, path)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return 1 if failed else 0
+
+
+def abba_plan(variants: list[str], repeats: int, offset: int) -> list[tuple[str, int]]:
+    sys.path.insert(0, str(ROOT / "plugin"))
+    from asyncbatch.bench.stats import abba_order
+
+    return abba_order(variants, repeats, offset)
+
+
+def report(doc: dict[str, Any], a: argparse.Namespace, path: Path) -> bool:
+    """Print a finished result file's summary; True when parity failed."""
+    print(json.dumps(doc["summary"], indent=1))
+    mismatches = doc["parity_mismatches"]
+    print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
+    if doc["short_runs"]:
+        print(f"WARNING: {len(doc['short_runs'])} timed run(s) lasted less than "
+              f"{a.min_timed_s:g} s ({doc['short_runs']}): too short to resolve a 2% "
+              "difference on a host-bound shape; raise --num-prompts")
+    print("wrote", path)
+    return bool(mismatches)
 
 
 def plot_result(path: Path) -> Path:
@@ -308,6 +570,7 @@ def plot_result(path: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="llama-1b", choices=["llama-1b", "llama-8b"])
     ap.add_argument("--variants", default="async,async+cg1024,depth3")
     ap.add_argument("--repeats", type=int, default=None,
@@ -328,6 +591,16 @@ def main() -> int:
     ap.add_argument("--repeat-offset", type=int, default=0,
                     help="start the A B B A order at this repeat, to continue a run split "
                          "over several commands (pool the files with --pool)")
+    ap.add_argument("--resident", action="store_true",
+                    help="one engine per variant, started once; the timed parts alternate "
+                         "between them (see the module docstring)")
+    ap.add_argument("--workload", action="append", metavar="NAME[:k=v,...]",
+                    help="with --resident: random (default) or prefix[:groups=G,size=S,"
+                         "prefix=P,suffix=X,out=O], repeatable, one result file each; a "
+                         "suffix @v1,v2 runs it on those of --variants only")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="with --resident: each engine's share of GPU memory (default "
+                         "0.88 / number of variants)")
     ap.add_argument("--stacks", action="store_true",
                     help="sample the main thread's stack of every engine process during the "
                          "timed run (asyncbatch/bench/stacks.py); adds a little host load")
@@ -356,6 +629,9 @@ def main() -> int:
     if a.pool:
         print(format_pool(pool_results(a.pool, a.variants.split(",")[0])))
         return 0
+    if a.serve:
+        resident_child(json.loads(a.serve.read_text()))
+        return 0
     if a.child:
         spec = json.loads(a.child.read_text())
         result = child(spec)
@@ -368,6 +644,20 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     variants = a.variants.split(",")
+    if a.resident:
+        if a.sync_check or a.stacks:
+            ap.error("--resident runs timed parts only: no --sync-check or --stacks")
+        workloads = []
+        for text in a.workload or ["random"]:
+            name, names = split_variants(text, variants)
+            workloads.append((parse_workload(name, a), names))
+        try:
+            return run_resident(a, model.path, variants, workloads, stamp)
+        except RuntimeError as e:  # an engine died or hung: its log's tail is in the message
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    if a.workload or a.gpu_memory_utilization:
+        ap.error("--workload and --gpu-memory-utilization need --resident")
     plan = run_plan(variants, a.repeats, a.repeat_offset, a.sync_check)
     runs: list[dict[str, Any]] = []
     path = a.out / f"worker-ab-{a.shape}-{stamp}.json"
@@ -436,15 +726,7 @@ def main() -> int:
                   flush=True)
 
     doc = write_result(path, a, variants, runs, complete=True)
-    print(json.dumps(doc["summary"], indent=1))
-    mismatches = doc["parity_mismatches"]
-    print("parity:", "identical" if not mismatches else f"MISMATCH {mismatches}")
-    if doc["short_runs"]:
-        print(f"WARNING: {len(doc['short_runs'])} timed run(s) lasted less than "
-              f"{a.min_timed_s:g} s ({doc['short_runs']}): too short to resolve a 2% "
-              "difference on a host-bound shape; raise --num-prompts")
-    print("wrote", path)
-    return 1 if mismatches else 0
+    return 1 if report(doc, a, path) else 0
 
 
 def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
@@ -525,7 +807,8 @@ def short_runs(runs: list[dict[str, Any]], min_timed_s: float | None) -> list[st
 
 
 def write_result(path: Path, a: argparse.Namespace, variants: list[str],
-                 runs: list[dict[str, Any]], *, complete: bool) -> dict[str, Any]:
+                 runs: list[dict[str, Any]], *, complete: bool,
+                 workload: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write what the runs so far measured; called after every run, so a command cut
     short (a machine taken back, a failed run) keeps its finished runs
     (``"complete": false``)."""
@@ -552,9 +835,11 @@ def write_result(path: Path, a: argparse.Namespace, variants: list[str],
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
            "gpu": torch.cuda.get_device_name(0), "host": platform.node(),
            "cpu": detect_cpu(), "cpu_count": os.cpu_count(),
-           "shape": a.shape, "workload": {"num_prompts": a.num_prompts,
-                                          "input_len": a.input_len,
-                                          "output_len": a.output_len},
+           "shape": a.shape,
+           "workload": workload if workload is not None else {
+               "num_prompts": a.num_prompts, "input_len": a.input_len,
+               "output_len": a.output_len},
+           "resident": workload is not None,
            "complete": complete, "summary": summary, "parity_mismatches": mismatches,
            "min_timed_s": getattr(a, "min_timed_s", None),
            "repeat_offset": getattr(a, "repeat_offset", 0),

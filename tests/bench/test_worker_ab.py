@@ -158,3 +158,151 @@ def test_pool_results(worker_ab, tmp_path):
     c.write_text(json.dumps(doc([timed("async", 1.0, 1.0)], shape="llama-8b")))
     with pytest.raises(SystemExit, match="different shapes"):
         worker_ab.pool_results([a, c], "async")
+
+
+def test_grouped_variant_is_the_scheduler_with_its_defaults(worker_ab):
+    grouped = worker_ab.engine_args("grouped")
+    assert grouped == {"distributed_executor_backend": "mp", "seed": 0,
+                       "scheduler_cls": "asyncbatch.Scheduler"}
+
+
+def test_workloads(worker_ab):
+    a = argparse.Namespace(num_prompts=7, input_len=5, output_len=3)
+    assert worker_ab.parse_workload("random", a) == {
+        "kind": "random", "num_prompts": 7, "input_len": 5, "output_len": 3}
+    prompts, max_tokens = worker_ab.workload_prompts(worker_ab.parse_workload("random", a), 0)
+    assert max_tokens == 3 and len(prompts) == 7 and {len(p) for p in prompts} == {5}
+
+    w = worker_ab.parse_workload("prefix:groups=6,size=4,prefix=32,suffix=3,out=9", a)
+    assert w == {"kind": "prefix", "groups": 6, "size": 4, "prefix": 32, "suffix": 3, "out": 9}
+    assert worker_ab.parse_workload("prefix", a)["groups"] == 256
+    prompts, max_tokens = worker_ab.workload_prompts(w, seed=1)
+    assert max_tokens == 9 and len(prompts) == 24 and {len(p) for p in prompts} == {35}
+    by_prefix: dict[tuple[int, ...], int] = {}
+    for p in prompts:
+        by_prefix[tuple(p[:32])] = by_prefix.get(tuple(p[:32]), 0) + 1
+    assert sorted(by_prefix.values()) == [4] * 6  # 6 groups of 4
+    first = [tuple(p[:32]) for p in prompts[:4]]
+    assert len(set(first)) > 1  # interleaved, not group by group
+    assert worker_ab.workload_prompts(w, seed=1) == (prompts, 9)  # same seed, same part
+    assert worker_ab.workload_prompts(w, seed=2)[0] != prompts
+
+    for bad in ("prefix:groups=0", "prefix:size", "prefix:width=3", "random:num_prompts=3",
+                "sharegpt"):
+        with pytest.raises(SystemExit):
+            worker_ab.parse_workload(bad, a)
+
+
+FAKE_ENGINE = '''
+import json, sys, time
+from pathlib import Path
+
+spec = json.loads(Path(sys.argv[-1]).read_text())
+variant = spec["variant"]
+if variant == "dies":
+    print("engine failed to start: out of memory"); sys.exit(3)
+info = {"variant": variant, "startup_s": 0.1, "num_gpu_blocks": 10,
+        "worker_cuda_graph_max_tokens": 0, "util": spec["gpu_memory_utilization"],
+        "parity_tokens": [[1, 2, 3 if variant != "wrong" else 4]]}
+tmp = Path(spec["ready"] + ".tmp"); tmp.write_text(json.dumps(info))
+tmp.replace(spec["ready"])
+speed = {"async": 100.0, "depth3": 150.0, "wrong": 50.0}[variant]
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd.get("quit"):
+        break
+    seen = Path(spec["ready"] + ".seen")
+    with open(seen, "a") as f:
+        f.write(json.dumps(cmd["seed"]) + "\\n")
+    result = {"output_tok_s": speed + cmd["seed"], "elapsed_s": 31.0, "nvml_util_steady": 50.0,
+              "workload_kind": cmd["workload"]["kind"]}
+    tmp = Path(cmd["result"] + ".tmp"); tmp.write_text(json.dumps(result))
+    tmp.replace(cmd["result"])
+'''
+
+
+def resident_args(tmp_path, variants, **kw):
+    return argparse.Namespace(shape="llama-1b", num_prompts=10, input_len=4, output_len=2,
+                              out=tmp_path, repeats=2, repeat_offset=0, timeout=30,
+                              gpu_memory_utilization=None, min_timed_s=30.0, **kw)
+
+
+@pytest.fixture
+def fake_engines(worker_ab, tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    monkeypatch.setattr(worker_ab, "serve_command", lambda spec: [sys.executable, str(script),
+                                                                  str(spec)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "test GPU")
+    return tmp_path
+
+
+def test_resident_parts_alternate_between_engines_started_once(worker_ab, fake_engines,
+                                                               capsys):
+    a = resident_args(fake_engines, ["async", "depth3"])
+    variants = ["async", "depth3"]
+    workloads = [(worker_ab.parse_workload("random", a), variants),
+                 (worker_ab.parse_workload("prefix:groups=2,size=2", a), variants)]
+    assert worker_ab.run_resident(a, "m", variants, workloads, "t") == 0
+    for kind in ("random", "prefix"):
+        doc = json.loads((fake_engines / f"worker-ab-llama-1b-{kind}-resident-t.json")
+                         .read_text())
+        assert doc["complete"] and doc["resident"] and doc["workload"]["kind"] == kind
+        assert [(r["variant"], r["repeat"]) for r in doc["runs"]] == [
+            ("async", 0), ("depth3", 0), ("depth3", 1), ("async", 1)]
+        assert {r["workload_kind"] for r in doc["runs"]} == {kind}
+        assert doc["parity_mismatches"] == {} and doc["short_runs"] == []
+        # medians 100.5 and 150.5: part k of each variant had seed k
+        assert doc["summary"]["depth3"]["ratio_vs_async"] == pytest.approx(150.5 / 100.5)
+        assert all(r["util"] == 0.44 for r in doc["runs"])  # 0.88 over two engines
+    # each engine started once and saw parts 0, 1 of each workload
+    for v in ("async", "depth3"):
+        assert (fake_engines / f".ready-t-{v}.json.seen").read_text().split() == [
+            "0", "1", "0", "1"]
+        assert not (fake_engines / f".ready-t-{v}.json").exists()
+    assert "parity: identical" in capsys.readouterr().out
+
+
+def test_resident_parity_mismatch_fails_the_command(worker_ab, fake_engines):
+    a = resident_args(fake_engines, ["async", "wrong"], )
+    a.repeats = 1
+    rc = worker_ab.run_resident(a, "m", ["async", "wrong"],
+                                [(worker_ab.parse_workload("random", a), ["async", "wrong"])],
+                                "t")
+    assert rc == 1
+    doc = json.loads((fake_engines / "worker-ab-llama-1b-random-resident-t.json").read_text())
+    assert doc["parity_mismatches"] == {"1-wrong": [0]}
+
+
+def test_resident_engine_that_dies_is_reported(worker_ab, fake_engines):
+    a = resident_args(fake_engines, ["async", "dies"])
+    with pytest.raises(RuntimeError, match="dies: engine process exited .rc 3. during engine "
+                                           "start(.|\n)*out of memory"):
+        worker_ab.run_resident(a, "m", ["async", "dies"],
+                               [(worker_ab.parse_workload("random", a), ["async", "dies"])],
+                               "t")
+
+
+def test_resident_workload_on_some_variants(worker_ab, fake_engines):
+    variants = ["async", "depth3", "wrong"]
+    name, names = worker_ab.split_variants("prefix:groups=2@async,depth3", variants)
+    assert (name, names) == ("prefix:groups=2", ["async", "depth3"])
+    assert worker_ab.split_variants("random", variants) == ("random", variants)
+    for bad in ("random@async,stock", "random@async,async", "random@"):
+        with pytest.raises(SystemExit, match="must be distinct and among"):
+            worker_ab.split_variants(bad, variants)
+    a = resident_args(fake_engines, variants)
+    a.repeats = 1
+    workloads = [(worker_ab.parse_workload("random", a), ["depth3", "async"])]
+    assert worker_ab.run_resident(a, "m", variants, workloads, "t") == 0
+    doc = json.loads((fake_engines / "worker-ab-llama-1b-random-resident-t.json").read_text())
+    assert [r["variant"] for r in doc["runs"]] == ["depth3", "async"]
+    assert list(doc["summary"]) == ["depth3", "async"]  # ratios against depth3
+    assert doc["summary"]["async"]["ratio_vs_depth3"] == pytest.approx(100 / 150)
+    # the third engine was started (it shares the GPU) but ran nothing
+    assert all(r["util"] == pytest.approx(0.293) for r in doc["runs"])
+    assert not (fake_engines / ".ready-t-wrong.json.seen").exists()
