@@ -94,12 +94,14 @@ from asyncbatch.bench.workloads import (  # noqa: E402
     RandomWorkload,
     random_tokens,
 )
-from asyncbatch.dp.routing import DEFAULT_KEY_SHARE  # noqa: E402
+from asyncbatch.dp.routing import DEFAULT_KEY_SHARE, DEFAULT_NEW_KEY_SLACK  # noqa: E402
 
 VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
 # --replay only: asyncbatch's routing without the seat check (which the first GPU
-# runs, benchmarks/results/dp-h200, did not have), and without the key share
-REPLAY_VARIANTS = (*VARIANTS, "asyncbatch-noseats", "asyncbatch-noshare")
+# runs, benchmarks/results/dp-h200, did not have), without the key share, and
+# without the new-key slack (what the GPU runs of dp-h200-kv had)
+REPLAY_VARIANTS = (*VARIANTS, "asyncbatch-noseats", "asyncbatch-noshare",
+                   "asyncbatch-nonewkey")
 BASELINE = "stock"
 ROUTING_ON = "data-parallel prefix routing on"
 ROUTING_OFF = "data-parallel prefix routing off"
@@ -652,9 +654,15 @@ class ReplaySettings:
     max_num_batched_tokens: int = 8192
     calibration: str | None = None  # default: asyncbatch.bench.replay's
     publish_s: float = 0.1
+    # API servers, each its own front end (None: the config's api_server_count, else
+    # vLLM's default for one node, one per engine)
+    api_servers: int | None = None
+    # seconds over which requests sent at once reach the servers (asyncbatch.sim.dp)
+    burst_s: float = 0.0
 
 
-def replay_route(variant: str, cfg: Config) -> Any:
+def replay_route(variant: str, cfg: Config, client_count: int = 1) -> Any:
+    """The front end of one API server of ``variant``, one of ``client_count``."""
     from asyncbatch.sim import dp as sim_dp
 
     if variant in ("stock", "asyncbatch-norouting"):
@@ -663,7 +671,18 @@ def replay_route(variant: str, cfg: Config) -> Any:
         return lambda prompt, counts, request_id="": header_rank(prompt, len(counts))
     return sim_dp.PrefixRouter(
         block_size=16, seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs,
-        key_share=1.0 if variant == "asyncbatch-noshare" else DEFAULT_KEY_SHARE)
+        key_share=1.0 if variant == "asyncbatch-noshare" else DEFAULT_KEY_SHARE,
+        new_key_slack=None if variant == "asyncbatch-nonewkey" else DEFAULT_NEW_KEY_SLACK,
+        client_count=client_count)
+
+
+def replay_api_servers(cfg: Config, settings: ReplaySettings) -> int:
+    """API servers of the replay: as set, else the GPU runs' (vLLM's default: one per
+    local engine)."""
+    n = settings.api_servers or cfg.api_server_count or cfg.dp
+    if n < 1:
+        raise BenchError(f"the replay needs at least one API server, got {n}")
+    return n
 
 
 def replay_all(cfg: Config, settings: ReplaySettings, *,
@@ -688,6 +707,7 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
         raise BenchError(f"cost model: {e}") from e
     model_dir = replay_model_dir()
     workloads = {name: make(cfg.shape) for name, make in WORKLOADS.items()}
+    servers = replay_api_servers(cfg, settings)
     runs: list[dict[str, Any]] = []
     for n, (variant, (name, rate)) in enumerate(
             (v, point) for point in cfg.plan() for v in cfg.variants):
@@ -700,13 +720,14 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
                       if asyncbatch else None)
         t0 = time.monotonic()
         sim = sim_dp.simulate(
-            arrival_list, replay_route(variant, cfg), num_engines=cfg.dp,
+            arrival_list, [replay_route(variant, cfg, servers) for _ in range(servers)],
+            num_engines=cfg.dp,
             scheduler_cls=ENGINES["asyncbatch" if asyncbatch else "async"]["scheduler_cls"],
             cost_model=cost_model, model_dir=model_dir, num_blocks=settings.num_kv_blocks,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=cfg.max_model_len, additional_config=additional,
-            publish_s=settings.publish_s)
+            publish_s=settings.publish_s, burst_s=settings.burst_s)
         results = []
         for a, r in zip(arrival_list, reqs, strict=True):
             rt = sim.requests[a.request_id]
@@ -737,7 +758,8 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
                  f"({rec['replay_cpu_s']:.0f} s)")
     order = [(v, 0) for v in cfg.variants]
     config = {**config_record(cfg, order), "replay": {**asdict(settings),
-                                                      "calibration": cost_path}}
+                                                      "calibration": cost_path,
+                                                      "api_servers": servers}}
     config["serve_args"] = {}
     result = {"config": config, "runs": runs, "summary": summarize(runs, cfg.variants)}
     write_outputs(result, cfg.out)
@@ -1053,6 +1075,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replay-kv-blocks", type=int, default=ReplaySettings.num_kv_blocks,
                    help="--replay: KV blocks of 16 tokens per engine (default %(default)s, "
                         "an H200 at 8B; smaller puts the engines under KV pressure)")
+    p.add_argument("--replay-burst-s", type=float, default=0.0,
+                   help="--replay: requests sent at once reach the API servers evenly over "
+                        "this many seconds (default 0: all at the same instant); the "
+                        "coordinator publishes new counts during the burst every 0.1 s")
     p.add_argument("--calibration", default=None,
                    help="--replay: cost model JSON (default: the replay's h100-llama-8b)")
     p.add_argument("--quick", action="store_true",
@@ -1061,6 +1087,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.repeat_offset < 0:
         p.error("--repeats must be >= 1 and --repeat-offset >= 0")
+    if args.replay_burst_s < 0 or not math.isfinite(args.replay_burst_s):
+        p.error(f"--replay-burst-s must be a finite number >= 0, got {args.replay_burst_s}")
     if args.merge and (args.replay or args.quick):
         p.error("--merge summarizes runs already made: no --replay or --quick with it")
     if args.repeat_offset and (args.replay or args.quick):
@@ -1104,7 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = merge(cfg, args.merge)
             elif args.replay:
                 result = replay_all(cfg, ReplaySettings(num_kv_blocks=args.replay_kv_blocks,
-                                                        calibration=args.calibration))
+                                                        calibration=args.calibration,
+                                                        burst_s=args.replay_burst_s))
             else:
                 result = run_all(cfg)
         except BenchError as e:

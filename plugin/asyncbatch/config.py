@@ -237,6 +237,17 @@ class AsyncBatchConfig(BaseModel):
             "Each API server counts its own requests. 1: no limit."
         ),
     )
+    dp_new_key_slack: float | None = Field(
+        default=4.0,
+        ge=0.0,
+        description=(
+            "Requests above the mean load an engine may hold when it takes a request whose "
+            "prefix key has no request in flight (counted per API server): such a request "
+            "has no group to join yet, so it is balanced almost as vLLM balances, where "
+            "dp_load_bound would let prompts that share nothing drift apart. Split evenly "
+            "over the API servers. null: the same bound as every request."
+        ),
+    )
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> AsyncBatchConfig:

@@ -217,7 +217,7 @@ def test_replay_runs_the_same_ab_on_simulated_engines(dp_ab, tmp_path, model_dir
                        shape=shape, rates=[100.0, math.inf], random_rates=[], hot_rates=[],
                        variants=["stock", "asyncbatch", "asyncbatch-noseats"],
                        max_num_seqs=12, max_model_len=1024)
-    result = dp_ab.replay_all(cfg, dp_ab.ReplaySettings(num_kv_blocks=256),
+    result = dp_ab.replay_all(cfg, dp_ab.ReplaySettings(num_kv_blocks=256, api_servers=1),
                               progress=lambda m: None)
     section = result["summary"]["prefix@100"]  # members arrive after their prefix is cached
     assert section["asyncbatch"]["computed_prompt_tokens"] < \

@@ -169,3 +169,69 @@ def test_the_key_share_balances_the_work_of_a_hot_prefix(model_dir):
         return sum(e.prompt_tokens - e.cached_prompt_tokens for e in r.engines)
 
     assert computed(results[0.5]) < computed(results[1.0])
+
+
+def test_requests_go_to_api_servers_by_id():
+    from asyncbatch.sim.dp import server_of
+
+    assert server_of("anything", 1) == 0
+    ids = [f"r{i}" for i in range(1000)]
+    first = [server_of(i, 2) for i in ids]
+    assert first == [server_of(i, 2) for i in ids]  # deterministic
+    assert 400 < first.count(0) < 600  # about half each, not strict alternation
+    assert first[:8] != [0, 1] * 4 and first[:8] != [1, 0] * 4
+    assert set(server_of(i, 3) for i in ids) == {0, 1, 2}
+
+
+def test_a_burst_is_spread_over_burst_s():
+    from asyncbatch.sim.dp import Arrival, spread_bursts
+
+    burst = [Arrival(0.0, f"b{i}", [1], 1) for i in range(4)] + [Arrival(0.1, "late", [1], 1)]
+    times = [a.time_s for a in spread_bursts(burst, 1.0)]
+    # spread up to the next arrival, in order, the later one left alone
+    assert times == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert [a.request_id for a in spread_bursts(burst, 1.0)] == [a.request_id for a in burst]
+    assert [a.time_s for a in spread_bursts(burst, 0.0)] == [0.0] * 4 + [0.1]
+    assert [a.time_s for a in spread_bursts(burst[:4], 0.2)] == pytest.approx(
+        [0.0, 0.05, 0.1, 0.15])
+
+
+def test_each_api_server_routes_its_own_requests_on_its_own_view(model_dir):
+    """Two front ends: each sees only its requests, and after each of its own
+    routes one more waiting request per API server (vLLM's client_count) on the
+    engine it chose; the other server's routes reach it only with the next
+    coordinator update."""
+    from asyncbatch.sim.dp import server_of
+
+    seen: list[list[tuple[str, list[list[float]]]]] = [[], []]
+
+    def front_end(index):
+        def route(prompt, counts, request_id):
+            seen[index].append((request_id, [list(c) for c in counts]))
+            return 0
+        return route
+
+    arrivals = group_arrivals(groups=4, members=3)  # all at time 0: one coordinator update
+    run(model_dir, arrivals, [front_end(0), front_end(1)])
+    for index in (0, 1):
+        ids = [rid for rid, _ in seen[index]]
+        assert ids and all(server_of(rid, 2) == index for rid in ids)
+        waiting = [counts[0][0] for _, counts in seen[index]]
+        assert waiting == [2.0 * k for k in range(len(ids))]  # its own routes, 2 each
+    assert len(seen[0]) + len(seen[1]) == len(arrivals)
+
+
+def test_prefix_router_counts_in_units_of_its_own_requests():
+    from asyncbatch.sim.dp import PrefixRouter
+
+    prompt = list(range(2, 40))
+    # 4 seats per engine over 2 API servers: 2 of this server's requests each
+    route = PrefixRouter(seats=4, client_count=2, new_key_slack=None)
+    first = route(prompt, [[0, 0], [0, 0]], "a")
+    other = 1 - first
+    # the view counts 2 per request: engine `first` holds 2 of this server's, full
+    counts = [[0, 0], [0, 0]]
+    counts[first] = [4, 0]
+    assert route(prompt, counts, "b") == other
+    counts[first] = [2, 0]
+    assert route(prompt, counts, "c") == first

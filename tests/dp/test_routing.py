@@ -407,3 +407,59 @@ def test_a_hot_key_is_split_and_the_other_groups_stay_whole():
 def test_negative_key_share_is_an_error():
     with pytest.raises(ValueError, match="key_share"):
         rank_for(key_of(1), [0, 0], key_load={0: 1}, key_share=-0.1)
+
+
+# ------------------------------------------------------------ new keys
+
+@given(keys, st.integers(2, 8), eps_values, st.integers(0, 16), st.sampled_from([0.0, 1.0, 4.0]),
+       st.data())
+def test_a_new_key_is_held_to_the_new_key_slack(key, n, eps, slack, new_slack, data):
+    loads = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
+    total = sum(loads)
+    cap = min(load_cap(total, n, eps, 1.0, slack), math.ceil((total + 1) / n) + new_slack)
+    chosen = rank_for(key, loads, eps, slack=slack, key_load={}, new_key_slack=new_slack)
+    within = [r for r in hrw_order(key, range(n)) if loads[r] + 1 <= cap]
+    assert within  # integer loads: the least loaded rank is under ceil(mean after) + 0
+    assert chosen == within[0]
+    assert loads[chosen] + 1 <= math.ceil((total + 1) / n) + new_slack
+    # a key with requests in flight, or no count at all: the bound alone
+    plain = rank_for(key, loads, eps, slack=slack)
+    held = data.draw(st.integers(0, n - 1))
+    assert rank_for(key, loads, eps, slack=slack, key_load={held: 1},
+                    new_key_slack=new_slack) == plain
+    assert rank_for(key, loads, eps, slack=slack, key_load=None,
+                    new_key_slack=new_slack) == plain
+    # zero counts are no requests in flight
+    assert rank_for(key, loads, eps, slack=slack, key_load={held: 0},
+                    new_key_slack=new_slack) == chosen
+
+
+def test_keys_that_never_repeat_are_split_evenly_only_with_the_new_key_slack():
+    """Bursts of 512 prompts that share nothing, routed by two front ends that
+    each see only their own requests (a burst between two coordinator updates)
+    and get about half of the burst each, as API servers behind one socket do.
+    Under the bound alone each front end's rendezvous choices drift up to the
+    cap; with the new-key slack each splits its share about evenly."""
+    import random
+
+    def imbalance(seed, new_slack, capacity):
+        rng = random.Random(seed)
+        stream = [(rng.random() < 0.5, key_of(10**7 + 1000 * seed + i)) for i in range(512)]
+        totals = [0, 0]
+        for server in (True, False):
+            own = [0.0, 0.0]  # this front end's view: 2 per routed request, in units of 1
+            for s, k in stream:
+                if s != server:
+                    continue
+                r = rank_for(k, [x / 2 for x in own], DEFAULT_LOAD_BOUND, capacity=capacity,
+                             slack=4, key_load={}, new_key_slack=new_slack)
+                own[r] += 2
+                totals[r] += 1
+        return abs(totals[0] - totals[1])
+
+    for capacity in (None, 128):
+        plain = [imbalance(seed, None, capacity) for seed in range(20)]
+        new = [imbalance(seed, 2.0, capacity) for seed in range(20)]
+        assert max(new) <= 10, new  # each front end within about 2 units of even
+        assert sum(new) < 0.6 * sum(plain), (sum(new), sum(plain))
+    assert max(plain) > 10, plain

@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from asyncbatch.dp.routing import DEFAULT_KEY_SHARE, key_length, prefix_key, rank_for
+from asyncbatch.dp.routing import (
+    DEFAULT_KEY_SHARE,
+    DEFAULT_NEW_KEY_SLACK,
+    key_length,
+    prefix_key,
+    rank_for,
+)
 
 TARGET_MODULE = "vllm.v1.engine.core_client"
 TARGET_CLASS = "DPLBAsyncMPClient"
@@ -68,6 +74,9 @@ class Router:
     # most of an engine's cap one key may hold (dp_key_share); applies when
     # `choose` is given a ledger
     key_share: float = DEFAULT_KEY_SHARE
+    # a new key's slack above the mean (dp_new_key_slack); None: the bound's;
+    # applies when `choose` is given a ledger
+    new_key_slack: float | None = DEFAULT_NEW_KEY_SLACK
 
     def key(self, request: Any) -> bytes | None:
         tokens = getattr(request, "prompt_token_ids", None)
@@ -98,7 +107,9 @@ class Router:
         key_load = ledger.loads(key, in_flight) if ledger is not None else None
         rank = rank_for(key, loads, self.load_bound, capacity=capacity,
                         slack=self.slack / clients, key_load=key_load,
-                        key_share=self.key_share)
+                        key_share=self.key_share,
+                        new_key_slack=None if self.new_key_slack is None
+                        else self.new_key_slack / clients)
         if ledger is not None:
             ledger.record(key, request.request_id, rank, in_flight)
         return rank
@@ -199,14 +210,17 @@ def decide(vllm_config: Any, num_engines: int) -> tuple[Router | None, str]:
     router = Router(block_size=int(block_size), prefix_tokens=settings.dp_prefix_tokens,
                     load_bound=settings.dp_load_bound,
                     seats=int(seats) if isinstance(seats, int) and seats > 0 else None,
-                    slack=settings.dp_load_slack, key_share=settings.dp_key_share)
+                    slack=settings.dp_load_slack, key_share=settings.dp_key_share,
+                    new_key_slack=settings.dp_new_key_slack)
     covered = key_length(settings.dp_prefix_tokens, router.block_size,
                          settings.dp_prefix_tokens)
+    new_key = ("off" if settings.dp_new_key_slack is None
+               else f"{settings.dp_new_key_slack:g} requests")
     return router, (f"dp_routing {settings.dp_routing!r}: key = first {covered} tokens "
                     f"(blocks of {router.block_size}), load bound 1 + {settings.dp_load_bound:g}"
                     f" with a slack of {settings.dp_load_slack:g} requests, "
                     f"{router.seats or 'unlimited'} seats per engine, key share "
-                    f"{settings.dp_key_share:g}")
+                    f"{settings.dp_key_share:g}, new-key slack {new_key}")
 
 
 def router_of(client: Any) -> Router | None:

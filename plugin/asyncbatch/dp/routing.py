@@ -44,6 +44,18 @@ considered.  Without this, a burst that fills the engines exactly (stock's
 strict alternation) would leave the ranks that the bound lets run a few
 requests over ``max_num_seqs`` with a second wave of those few requests.
 
+**New keys** (``new_key_slack``, optional): a key that has no request in
+flight (as the caller counts them, ``key_load``) has no group on any rank to
+keep together yet, so it gets a tighter cap: ``ceil(mean) + new_key_slack``
+instead of the bound's ``(1 + eps)`` times the mean.  Prompts that share no
+prefix (every key new) are then split about as evenly as load balancing
+splits them: under the bound alone their rendezvous choices make a random
+walk that only the cap stops, and with several API servers, each routing its
+own share of a burst blind to the others', the engines ended up 1.04x apart by
+requests (``benchmarks/results/dp-h200-kv``).  The first request of a prefix
+group moves off its first choice only when that rank is more than
+``new_key_slack`` above the mean.
+
 **Key share** (``key_load``, ``key_share``, optional): one key may hold at most
 ``key_share`` of a rank's cap (at least ``slack``); past that its requests go
 to the next rank in its order that is within the bound.  A hot prefix is then
@@ -68,7 +80,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "DEFAULT_KEY_SHARE", "DEFAULT_LOAD_BOUND", "DEFAULT_LOAD_SLACK", "DEFAULT_PREFIX_TOKENS",
+    "DEFAULT_KEY_SHARE", "DEFAULT_LOAD_BOUND", "DEFAULT_LOAD_SLACK", "DEFAULT_NEW_KEY_SLACK",
+    "DEFAULT_PREFIX_TOKENS",
     "KEY_SIZE", "hrw_order", "key_length", "load_cap", "prefix_key", "rank_for",
 ]
 
@@ -89,6 +102,12 @@ DEFAULT_LOAD_SLACK = 8.0
 # of a conversation (whose first turn is usually longer than this) and prompts
 # sharing a long prefix map to the same key.
 DEFAULT_PREFIX_TOKENS = 64
+# Default slack of a new key (no request in flight): 4 requests over the mean.
+# In the replay with two API servers (benchmarks/results/dp-replay), random
+# prompts at saturation went from 0.94x stock to 0.99x; 2 computed 1.4x the
+# ideal prompt tokens at 16 req/s (first requests of groups moved off their
+# first choice), 8 left random prompts at 0.95x.
+DEFAULT_NEW_KEY_SLACK = 4.0
 # Default key share: one key may hold half of a rank's cap.  With two ranks a
 # key that is half the traffic is then split about evenly over both.
 DEFAULT_KEY_SHARE = 0.5
@@ -176,7 +195,7 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
              eps: float = DEFAULT_LOAD_BOUND, *, cost: float = 1.0,
              explicit: int | None = None, capacity: float | None = None,
              slack: float = 0.0, key_load: Mapping[int, float] | None = None,
-             key_share: float = 1.0) -> int:
+             key_share: float = 1.0, new_key_slack: float | None = None) -> int:
     """The rank that serves a request.
 
     Args:
@@ -201,6 +220,9 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
         key_share: the most of a rank's cap the key may hold, at least
             ``slack`` (and one request); past it the key's next rank within
             the bound takes the request, if there is one.  ``>= 1``: no limit.
+        new_key_slack: for a key with nothing in flight (``key_load`` given,
+            no positive entry), the cap is at most ``ceil(mean) + new_key_slack``
+            (units of ``loads``).  None: the same cap as every key.
 
     Raises:
         ValueError: no ranks, a negative ``eps``, ``slack`` or ``key_share``,
@@ -234,6 +256,10 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
     if math.isinf(eps):
         return order[0]
     cap = load_cap(sum(current.values()), len(current), eps, cost, slack)
+    if (new_key_slack is not None and key_load is not None
+            and not any(v > 0 for v in key_load.values())):
+        # a key with nothing in flight: no group to keep together yet
+        cap = min(cap, math.ceil((sum(current.values()) + cost) / len(current)) + new_key_slack)
     within = [r for r in order if current[r] + cost <= cap]
     if key_load and key_share < 1.0:
         share_cap = max(key_share * cap, slack, cost)

@@ -15,19 +15,31 @@ engine as the call leaves it: the view is accurate to about one step.
 
 Load view: what vLLM's client sees (vLLM 0.26-0.32): each engine's
 ``(waiting, running)`` as the coordinator published it (refreshed at the
-first arrival ``publish_s`` or more after the last refresh), plus one waiting
-request for every request this front end routed since.  One front end (one
-API server).
+first arrival ``publish_s`` or more after the last refresh), plus
+``client_count`` waiting requests for every request this front end routed
+since (vLLM counts each routed request once per API server, assuming the
+others route alike).
+
+API servers: one front end (``route``) or several (a sequence of routes, one
+per ``--api-server-count`` process, each with its own view, its own
+rotation or ledger, and ``client_count`` = their number).  vLLM's API servers
+share the listening socket, so which server gets a request is up to the
+kernel: here a request goes to the server ``BLAKE2b(request id) % n``
+(deterministic, not strictly alternating).  ``burst_s`` spreads requests that
+arrive at the same instant (saturation, "all at once") evenly over that many
+seconds, in their order: a real client's burst reaches the servers over a
+moment, during which the coordinator publishes new counts.
 
 Everything is deterministic: the same inputs give the same numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,6 +49,7 @@ from asyncbatch.dp.routing import (
     DEFAULT_KEY_SHARE,
     DEFAULT_LOAD_BOUND,
     DEFAULT_LOAD_SLACK,
+    DEFAULT_NEW_KEY_SLACK,
     DEFAULT_PREFIX_TOKENS,
 )
 from asyncbatch.sim.costmodel import CostModel, StepClock, step_features
@@ -117,17 +130,24 @@ class PrefixRouter:
     def __init__(self, *, block_size: int = 16, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
                  eps: float = DEFAULT_LOAD_BOUND, seats: int | None = None,
                  slack: float = DEFAULT_LOAD_SLACK,
-                 key_share: float = DEFAULT_KEY_SHARE) -> None:
+                 key_share: float = DEFAULT_KEY_SHARE,
+                 new_key_slack: float | None = DEFAULT_NEW_KEY_SLACK,
+                 client_count: int = 1) -> None:
         self.router = Router(block_size=block_size, prefix_tokens=prefix_tokens,
-                             load_bound=eps, seats=seats, slack=slack, key_share=key_share)
+                             load_bound=eps, seats=seats, slack=slack, key_share=key_share,
+                             new_key_slack=new_key_slack)
+        self.client_count = client_count
         self._balance = VllmBalancer()
         self._ledger = KeyLedger()
         self._in_flight: set[str] = set()
 
     def __call__(self, prompt: Sequence[int], counts: list[list[float]],
                  request_id: str = "") -> int:
+        # in units of one request routed by this front end, as
+        # asyncbatch._compat.dp_engine_loads gives them
+        loads = [(w + r) / self.client_count for w, r in counts]
         rank = self.router.choose(SimpleNamespace(prompt_token_ids=prompt, request_id=request_id),
-                                  [w + r for w, r in counts], ledger=self._ledger,
+                                  loads, self.client_count, ledger=self._ledger,
                                   in_flight=self._in_flight)
         self._in_flight.add(request_id)
         return self._balance(prompt, counts) if rank is None else rank
@@ -197,18 +217,57 @@ class _Engine:
             busy_s=self.timing.busy_s)
 
 
-def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
+def server_of(request_id: str, num_servers: int) -> int:
+    """The API server that receives ``request_id`` (see the module docstring)."""
+    if num_servers <= 1:
+        return 0
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_servers
+
+
+def spread_bursts(arrivals: Sequence[Arrival], burst_s: float) -> list[Arrival]:
+    """``arrivals`` by time, each run of arrivals at one instant spread evenly
+    over ``burst_s`` seconds from that instant, in order (none moves past a
+    later arrival)."""
+    out = sorted(arrivals, key=lambda a: a.time_s)
+    if burst_s <= 0:
+        return out
+    i = 0
+    while i < len(out):
+        j = i
+        while j + 1 < len(out) and out[j + 1].time_s == out[i].time_s:
+            j += 1
+        if j > i:
+            t0 = out[i].time_s
+            end = t0 + burst_s
+            if j + 1 < len(out):
+                end = min(end, out[j + 1].time_s)
+            step = (end - t0) / (j - i + 1)
+            for k in range(i, j + 1):
+                out[k] = replace(out[k], time_s=t0 + (k - i) * step)
+        i = j + 1
+    return out
+
+
+def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num_engines: int,
              scheduler_cls: str, cost_model: CostModel, model_dir: str | Path,
              num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
              max_num_batched_tokens: int = 8192, max_model_len: int = 8192,
              additional_config: dict[str, Any] | None = None, publish_s: float = 0.1,
-             depth: int = 2, progress: Callable[[int], None] | None = None) -> DPSimResult:
+             depth: int = 2, burst_s: float = 0.0,
+             progress: Callable[[int], None] | None = None) -> DPSimResult:
     """Serve ``arrivals`` on ``num_engines`` simulated engines, each running
-    ``scheduler_cls`` over ``num_blocks`` KV blocks, routed by ``route``."""
+    ``scheduler_cls`` over ``num_blocks`` KV blocks, routed by ``route`` (one
+    front end) or by one of several (a sequence: one per API server; see the
+    module docstring for which server gets a request, and ``burst_s``)."""
     from asyncbatch.sim.engine import build_scheduler, make_request
 
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    routes: list[Route] = list(route) if isinstance(route, Sequence) else [route]
+    if not routes:
+        raise ValueError("no front end to route the requests")
+    clients = len(routes)
     for a in arrivals:  # a request that can never fit would keep its engine stepping
         need = -(-(len(a.prompt) + a.max_tokens) // block_size)
         if need > num_blocks - 1 or len(a.prompt) + a.max_tokens > max_model_len:
@@ -224,7 +283,8 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             additional_config=additional_config, async_scheduling=True)
         engines.append(_Engine(i, scheduler, cost_model, depth))
     times: dict[str, RequestTimes] = {}
-    finished = getattr(route, "finished", None)
+    finished = [getattr(r, "finished", None) for r in routes]
+    server: dict[str, int] = {}
 
     def record(o: Any, t: float) -> None:
         rt = times[o.request_id]
@@ -232,15 +292,16 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             rt.first_token_s = t
         if o.finish_reason is not None:
             rt.finish_s = t
-            if finished is not None:
-                finished(o.request_id)
+            done = finished[server[o.request_id]]
+            if done is not None:
+                done(o.request_id)
             if progress is not None:
                 progress(1)
 
     for e in engines:
         e.on_output = record
-    pending = sorted(arrivals, key=lambda a: a.time_s)
-    view = [e.counts() for e in engines]
+    pending = spread_bursts(arrivals, burst_s)
+    views = [[e.counts() for e in engines] for _ in routes]
     published = -math.inf
     load_area = [0.0] * num_engines
     last_t = 0.0
@@ -263,13 +324,14 @@ def simulate(arrivals: Sequence[Arrival], route: Route, *, num_engines: int,
             a = pending[i]
             i += 1
             account(a.time_s)
-            if a.time_s - published >= publish_s:
-                view = [e.counts() for e in engines]
+            if a.time_s - published >= publish_s:  # the coordinator publishes to all
+                views = [[e.counts() for e in engines] for _ in routes]
                 published = a.time_s
-            rank = route(a.prompt, view, a.request_id)
+            c = server[a.request_id] = server_of(a.request_id, clients)
+            rank = routes[c](a.prompt, views[c], a.request_id)
             if not 0 <= rank < num_engines:
                 raise ValueError(f"route chose engine {rank} of {num_engines}")
-            view[rank][0] += 1
+            views[c][rank][0] += clients
             engine = engines[rank]
             if not engine.has_work():
                 engine.clock = max(engine.clock, a.time_s)
