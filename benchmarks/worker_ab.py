@@ -68,11 +68,13 @@ the deep variant under ``VLLM_GPU_SYNC_CHECK=error`` (any host sync inside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -400,6 +402,18 @@ def resident_child(spec: dict[str, Any]) -> None:
         _write_atomic(Path(cmd["result"]), timed_part(llm, prompts, max_tokens))
 
 
+def switch_interval_env(variant: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the ``~swN`` suffix's switch interval for every process of the
+    engine (through ``benchmarks/stack_sampling/sitecustomize.py``)."""
+    interval = switch_interval_us(variant)
+    if interval is None:
+        return env
+    return {**env, "ASYNCBATCH_SWITCH_INTERVAL_US": str(interval),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
+                                           str(ROOT / "plugin"),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
 def serve_command(spec_path: Path) -> list[str]:
     """The command line of one resident engine process."""
     return [sys.executable, __file__, "--serve", str(spec_path)]
@@ -413,24 +427,28 @@ class Resident:
         self.info: dict[str, Any] = {}
         self.ready = Path(spec["ready"])
         self.ready.unlink(missing_ok=True)
-        spec_path = log.with_suffix(".spec.json")
-        spec_path.write_text(json.dumps(spec))
+        self.spec_path = log.with_suffix(".spec.json")
+        self.spec_path.write_text(json.dumps(spec))
         self._log = open(log, "w")  # noqa: SIM115 (closed in close())
+        # its own session: close() can end vLLM's engine processes with it
         self.proc = subprocess.Popen(
-            serve_command(spec_path), stdin=subprocess.PIPE, stdout=self._log,
-            stderr=subprocess.STDOUT, text=True, env=env)
+            serve_command(self.spec_path), stdin=subprocess.PIPE, stdout=self._log,
+            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+    def _tail(self) -> str:
+        self._log.flush()
+        return "".join(self.log.read_text().splitlines(True)[-40:])
 
     def _wait_file(self, path: Path, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.proc.poll() is not None:
-                tail = "".join(self.log.read_text().splitlines(True)[-40:])
                 raise RuntimeError(f"{self.variant}: engine process exited (rc "
                                    f"{self.proc.returncode}) during {what}; log {self.log}:\n"
-                                   f"{tail}")
+                                   f"{self._tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.variant}: {what} took over {timeout:g} s; log "
-                                   f"{self.log}")
+                                   f"{self.log}:\n{self._tail()}")
             time.sleep(0.2)
         doc = json.loads(path.read_text())
         path.unlink()
@@ -444,22 +462,36 @@ class Resident:
             timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
         result.unlink(missing_ok=True)
-        self.proc.stdin.write(json.dumps({"workload": workload, "seed": seed,
-                                          "result": str(result)}) + "\n")
-        self.proc.stdin.flush()
-        return self._wait_file(result, timeout, "a timed part")
+        try:
+            self.proc.stdin.write(json.dumps({"workload": workload, "seed": seed,
+                                              "result": str(result)}) + "\n")
+            self.proc.stdin.flush()
+        except OSError as e:  # the engine process is gone (broken pipe)
+            self.proc.wait(timeout=30)
+            raise RuntimeError(f"{self.variant}: engine process exited (rc "
+                               f"{self.proc.returncode}) while idle ({e}); log {self.log}:\n"
+                               f"{self._tail()}") from None
+        try:
+            return self._wait_file(result, timeout, "a timed part")
+        finally:
+            result.unlink(missing_ok=True)  # a part that timed out may still write it
 
     def close(self, timeout: float = 120) -> None:
+        """Ask the engine to quit; after ``timeout`` s, kill its whole session
+        (the engine core and worker processes vLLM started, which hold GPU
+        memory)."""
         try:
             if self.proc.poll() is None and self.proc.stdin is not None:
                 self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
                 self.proc.stdin.close()
             self.proc.wait(timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         finally:
             self._log.close()
+            self.spec_path.unlink(missing_ok=True)
 
 
 def split_variants(text: str, variants: list[str]) -> tuple[str, list[str]]:
@@ -482,8 +514,8 @@ def run_resident(a: argparse.Namespace, model: str, variants: list[str],
     docstring); one result file per workload (run by its own list of variants),
     written after every timed part."""
     util = a.gpu_memory_utilization or round(0.88 / len(variants), 3)
-    env = {**os.environ}
     engines: dict[str, Resident] = {}
+    kinds = [w["kind"] for w, _ in workloads]
     failed = False
     try:
         for v in variants:  # one after the other: each sizes its KV cache with the
@@ -491,14 +523,16 @@ def run_resident(a: argparse.Namespace, model: str, variants: list[str],
             log = a.out / f"engine-{stamp}-{v}.log"
             spec = {"model": model, "variant": v, "gpu_memory_utilization": util,
                     "ready": str(a.out / f".ready-{stamp}-{v}.json")}
-            engines[v] = Resident(v, spec, log, env)
+            engines[v] = Resident(v, spec, log, switch_interval_env(v, {**os.environ}))
             info = engines[v].wait_ready(a.timeout)
             print(f"{v}: engine up in {info['startup_s']:.0f} s, {info['num_gpu_blocks']} KV "
                   f"blocks, CUDA graphs up to {info['worker_cuda_graph_max_tokens']} tokens",
                   flush=True)
-        for workload, names in workloads:
+        for n, (workload, names) in enumerate(workloads):
             plan = abba_plan(names, a.repeats, a.repeat_offset)
-            path = a.out / f"worker-ab-{a.shape}-{workload['kind']}-resident-{stamp}.json"
+            # one file per workload: the kind, and its position where a kind repeats
+            name = workload["kind"] + (f"{n}" if kinds.count(workload["kind"]) > 1 else "")
+            path = a.out / f"worker-ab-{a.shape}-{name}-resident-{stamp}.json"
             runs: list[dict[str, Any]] = []
             for i, (v, k) in enumerate(plan):
                 t0 = time.perf_counter()
@@ -622,6 +656,8 @@ def main() -> int:
     a.num_prompts = a.num_prompts or 1000
     if a.repeat_offset < 0:
         ap.error("--repeat-offset must be >= 0")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
+        ap.error(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
     if a.plot:
         for file in a.plot:
             print(plot_result(file))
@@ -679,9 +715,8 @@ def main() -> int:
             child_env.update(ASYNCBATCH_STACK_SAMPLES=str(stacks_dir),
                              ASYNCBATCH_STACK_SAMPLES_GATE=str(stacks_dir / "gate"))
             site = True
-        interval = switch_interval_us(variant)
-        if interval is not None:
-            child_env["ASYNCBATCH_SWITCH_INTERVAL_US"] = str(interval)
+        if switch_interval_us(variant) is not None:
+            child_env = switch_interval_env(variant, child_env)
             site = True
         if site:  # every process of the run imports benchmarks/stack_sampling/sitecustomize
             child_env["PYTHONPATH"] = os.pathsep.join(

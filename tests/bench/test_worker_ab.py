@@ -201,12 +201,16 @@ spec = json.loads(Path(sys.argv[-1]).read_text())
 variant = spec["variant"]
 if variant == "dies":
     print("engine failed to start: out of memory"); sys.exit(3)
+import os
 info = {"variant": variant, "startup_s": 0.1, "num_gpu_blocks": 10,
         "worker_cuda_graph_max_tokens": 0, "util": spec["gpu_memory_utilization"],
+        "switch_us": os.environ.get("ASYNCBATCH_SWITCH_INTERVAL_US"),
         "parity_tokens": [[1, 2, 3 if variant != "wrong" else 4]]}
 tmp = Path(spec["ready"] + ".tmp"); tmp.write_text(json.dumps(info))
 tmp.replace(spec["ready"])
-speed = {"async": 100.0, "depth3": 150.0, "wrong": 50.0}[variant]
+if variant == "quits":
+    print("engine core died"); sys.exit(5)
+speed = {"async": 100.0, "depth3": 150.0, "wrong": 50.0, "depth3~sw200": 140.0}[variant]
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd.get("quit"):
@@ -306,3 +310,29 @@ def test_resident_workload_on_some_variants(worker_ab, fake_engines):
     # the third engine was started (it shares the GPU) but ran nothing
     assert all(r["util"] == pytest.approx(0.293) for r in doc["runs"])
     assert not (fake_engines / ".ready-t-wrong.json.seen").exists()
+
+
+def test_resident_engine_that_dies_while_idle_is_reported(worker_ab, fake_engines):
+    a = resident_args(fake_engines, ["async", "quits"])
+    with pytest.raises(RuntimeError, match="quits: engine process exited .rc 5. (.|\n)*"
+                                           "engine core died"):
+        worker_ab.run_resident(a, "m", ["async", "quits"],
+                               [(worker_ab.parse_workload("random", a), ["async", "quits"])],
+                               "t")
+    # nothing left behind but the logs
+    assert not list(fake_engines.glob("*.spec.json")) and not list(fake_engines.glob(".part*"))
+
+
+def test_resident_workloads_of_one_kind_get_a_file_each(worker_ab, fake_engines):
+    variants = ["async", "depth3~sw200"]
+    a = resident_args(fake_engines, variants)
+    a.repeats = 1
+    workloads = [(worker_ab.parse_workload("prefix:groups=2", a), variants),
+                 (worker_ab.parse_workload("prefix:groups=3", a), variants)]
+    assert worker_ab.run_resident(a, "m", variants, workloads, "t") == 0
+    docs = [json.loads((fake_engines / f"worker-ab-llama-1b-prefix{n}-resident-t.json")
+                       .read_text()) for n in (0, 1)]
+    assert [d["workload"]["groups"] for d in docs] == [2, 3]
+    # the ~swN suffix reaches the resident engine's processes, as it does a fresh run's
+    sw = {r["variant"]: r["switch_us"] for r in docs[0]["runs"]}
+    assert sw == {"async": None, "depth3~sw200": "200"}

@@ -234,6 +234,31 @@ def test_replay_runs_the_same_ab_on_simulated_engines(dp_ab, tmp_path, model_dir
                       server_cmd=lambda v, p: [], env={})
 
 
+@pytest.mark.vllm
+def test_replay_has_the_gpu_runs_api_servers(dp_ab, tmp_path, model_dir):
+    """By default the replay has as many API servers as the GPU runs (vLLM's
+    default, one per engine), each its own front end; asyncbatch-nonewkey is
+    the routing without the new-key slack."""
+    from asyncbatch.bench.models import ModelSpec
+
+    shape = dp_ab.Shape(groups=4, members=4, prefix_len=64, suffix_len=16, output_len=4,
+                        vocab=1000)
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out",
+                       shape=shape, rates=[math.inf], random_rates=[math.inf], hot_rates=[],
+                       variants=["stock", "asyncbatch", "asyncbatch-nonewkey"],
+                       max_num_seqs=12, max_model_len=1024)
+    assert dp_ab.replay_api_servers(cfg, dp_ab.ReplaySettings()) == 2
+    assert dp_ab.replay_api_servers(cfg, dp_ab.ReplaySettings(api_servers=3)) == 3
+    routes = [dp_ab.replay_route("asyncbatch-nonewkey", cfg, 2),
+              dp_ab.replay_route("asyncbatch", cfg, 2)]
+    assert [r.router.new_key_slack for r in routes] == [None, dp_ab.DEFAULT_NEW_KEY_SLACK]
+    assert all(r.client_count == 2 for r in routes)
+    result = dp_ab.replay_all(cfg, dp_ab.ReplaySettings(num_kv_blocks=256),
+                              progress=lambda m: None)
+    assert result["config"]["replay"]["api_servers"] == 2
+    assert all(r["completed"] == 16 for r in result["runs"])
+
+
 def test_gpu_busy_sampling_decides_the_hot_prefix_check(dp_ab):
     import time
 

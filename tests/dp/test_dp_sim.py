@@ -229,9 +229,24 @@ def test_prefix_router_counts_in_units_of_its_own_requests():
     route = PrefixRouter(seats=4, client_count=2, new_key_slack=None)
     first = route(prompt, [[0, 0], [0, 0]], "a")
     other = 1 - first
-    # the view counts 2 per request: engine `first` holds 2 of this server's, full
+    # the view counts 2 per request: 3 is 1.5 of this server's requests, and one
+    # more would pass its 2 seats (counted raw, 3 + 1 <= 4 would fit)
     counts = [[0, 0], [0, 0]]
-    counts[first] = [4, 0]
+    counts[first] = [3, 0]
     assert route(prompt, counts, "b") == other
     counts[first] = [2, 0]
     assert route(prompt, counts, "c") == first
+
+
+def test_a_spread_burst_counts_times_from_the_send_time(model_dir):
+    from asyncbatch.sim.dp import VllmBalancer
+
+    arrivals = group_arrivals(groups=4, members=3)  # all sent at time 0
+    at_once = run(model_dir, arrivals, VllmBalancer())
+    spread = run(model_dir, arrivals, VllmBalancer(), burst_s=0.5)
+    assert {rt.arrival_s for rt in spread.requests.values()} == {0.0}
+    # the last request reaches its server about 0.5 s late; its first token is
+    # counted from 0, so it is later than when the burst arrived at once
+    assert max(rt.first_token_s for rt in spread.requests.values()) > 0.4
+    assert max(rt.first_token_s for rt in spread.requests.values()) > \
+        max(rt.first_token_s for rt in at_once.requests.values())

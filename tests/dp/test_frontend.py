@@ -199,12 +199,31 @@ def test_at_low_load_the_slack_keeps_a_group_on_its_engine(hooked, slack, stays)
 
 
 def test_with_two_api_servers_each_counts_half_the_slack(hooked):
-    """20 requests against 2: in the units of a client of two API servers 10
-    and 1, mean 6 after the request; half the slack (4) caps the first engine
-    at 10, so the request moves.  With the whole slack it would stay (cap 14)."""
-    client = make_client(hooked, 2, client_count=2)
+    """20 requests against 2 (new-key slack off, so the slack decides): in the
+    units of a client of two API servers 10 and 1, mean 6 after the request;
+    half the slack (4) caps the first engine at 10, so the request moves.  With
+    the whole slack it would stay (cap 14)."""
+    client = make_client(hooked, 2, client_count=2, settings={"dp_new_key_slack": None})
     first, rank = route_group_request(client, [0, 20], [0, 2])
     assert rank == 1 - first
+
+
+@pytest.mark.parametrize("client_count, new_key_slack, stays",
+                         [(1, None, True), (1, 4.0, False), (1, 10.0, True),
+                          (2, None, True), (2, 4.0, False)])
+def test_a_new_key_is_held_to_the_new_key_slack(hooked, client_count, new_key_slack, stays):
+    """The key's first choice runs 9 requests, the other none, and the key has
+    nothing in flight.  One API server: the bound with the slack caps the first
+    engine at 13 after the request, so it stays; a new-key slack of 4 caps it at
+    ceil(10 / 2) + 4 = 9 < 10, so it moves; 10 caps it at 13 again.  Two API
+    servers count in units of half a request (4.5 and 0) and half the slack: 4
+    caps at ceil(5.5 / 2) + 2 = 5 < 5.5, the same decision as one server (the
+    whole 4 would cap at 7 and keep it)."""
+    settings = {"dp_new_key_slack": new_key_slack}
+    client = make_client(hooked, 2, client_count=client_count, settings=settings)
+    first, rank = route_group_request(client, [0, 9], [0, 0])
+    assert (rank == first) is stays
+    assert frontend.router_of(client).new_key_slack == new_key_slack
 
 
 def test_a_hot_key_past_its_share_goes_to_its_second_choice(hooked):

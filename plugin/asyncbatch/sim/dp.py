@@ -28,7 +28,8 @@ kernel: here a request goes to the server ``BLAKE2b(request id) % n``
 (deterministic, not strictly alternating).  ``burst_s`` spreads requests that
 arrive at the same instant (saturation, "all at once") evenly over that many
 seconds, in their order: a real client's burst reaches the servers over a
-moment, during which the coordinator publishes new counts.
+moment, during which the coordinator publishes new counts.  Request times
+(TTFT, latency) still count from the send time.
 
 Everything is deterministic: the same inputs give the same numbers.
 """
@@ -300,6 +301,9 @@ def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num
 
     for e in engines:
         e.on_output = record
+    # a request's times count from when it was sent, not from when the spread
+    # burst lets it reach its server
+    sent = {a.request_id: a.time_s for a in arrivals}
     pending = spread_bursts(arrivals, burst_s)
     views = [[e.counts() for e in engines] for _ in routes]
     published = -math.inf
@@ -335,7 +339,7 @@ def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num
             engine = engines[rank]
             if not engine.has_work():
                 engine.clock = max(engine.clock, a.time_s)
-            times[a.request_id] = RequestTimes(a.time_s, rank)
+            times[a.request_id] = RequestTimes(sent[a.request_id], rank)
             engine.requests += 1
             engine.sim.add_request(make_request(a.request_id, list(a.prompt),
                                                 max_tokens=a.max_tokens,
