@@ -984,14 +984,25 @@ def summary_markdown(result: dict[str, Any]) -> str:
                    else f" / {s['imbalance_gpu_busy']:.2f}") + " |")
         sources = {tuple(s.get("sources", ())) for s in section.values()}
         if len(sources) > 1:
-            lines += ["", "Variants measured in different commands (servers on another "
-                      "machine start): " + "; ".join(
+            lines += ["", "Variants measured in different commands (separate server starts, "
+                      "possibly on another machine): " + "; ".join(
                           f"{v}: {', '.join(s.get('sources', ()))}" for v, s in section.items())]
         lines.append("")
     lines += ["## Checks (asyncbatch)", ""]
     for name, c in summary["checks"].items():
         lines.append(f"- {name}: {c['value']:.3f} -> {'pass' if c['pass'] else 'FAIL'}")
     return "\n".join(lines) + "\n"
+
+
+def _panel_value(row: dict[str, Any], metric: str) -> float:
+    """``row[metric]``; for the GPU busy imbalance where GPU busy time was not
+    sampled (NaN), the larger of the request and computed-token imbalances, as
+    the hot-prefix check reads it."""
+    value = row.get(metric, math.nan)
+    if metric == "imbalance_gpu_busy" and (value is None or math.isnan(value)):
+        value = max(row.get("imbalance_requests", math.nan),
+                    row.get("imbalance_computed_tokens", math.nan))
+    return math.nan if value is None else float(value)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -1005,23 +1016,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
     variants = result["config"]["variants"]
     panels = [("request_throughput", "requests/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
               ("ttft_p99_ms", "TTFT p99 (ms)"), ("prefix_cache_hits", "prefix-cache hit tokens"),
-              ("imbalance_requests", "busiest/least engine (requests)")]
+              ("imbalance_gpu_busy", "busiest/least engine\n(GPU busy, else requests\n"
+                                     "or tokens computed)")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(keys)), 3 * len(panels)))
     width = 0.8 / max(1, len(variants))
     for ax, (metric, label) in zip(axes, panels, strict=True):
         for j, v in enumerate(variants):
-            ys = [summary[k].get(v, {}).get(metric, float("nan")) for k in keys]
+            ys = [_panel_value(summary[k].get(v, {}), metric) for k in keys]
             ax.bar([i + j * width for i in range(len(keys))], ys, width, label=v)
         ax.set_ylabel(label)
         ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(keys))])
         ax.set_xticklabels(keys, fontsize=8)
-        if metric == "imbalance_requests":
+        if metric == "imbalance_gpu_busy":  # the hot-prefix check's limit
             ax.axhline(1.3, color="k", lw=0.8, ls="--")
-    axes[0].legend(fontsize=8, ncol=len(variants))
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = -(-len(variants) // 4)
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(variants)), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0 - 0.4 / fig.get_figheight()))
     fig.suptitle(("SIMULATED " if result["config"].get("replay") else "")
                  + f"data parallel {result['config']['dp']}: "
-                 f"{Path(result['config']['model']['path']).name}")
-    fig.tight_layout()
+                 f"{Path(result['config']['model']['path']).name}", y=0.999)
+    # room at the top for the title and the legend's rows
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.22 * rows) / fig.get_figheight()))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

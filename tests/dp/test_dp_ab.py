@@ -311,3 +311,15 @@ def test_merge_keeps_replay_runs_apart_and_medians_skip_missing_values(dp_ab, tm
         dp_ab.merge(cfg, [replay / "results.json", gpu / "runs-partial.json"])
     merged = dp_ab.merge(cfg, [gpu / "runs-partial.json"])
     assert merged["summary"]["hot@inf"]["asyncbatch"]["imbalance_gpu_busy"] == 1.5
+
+
+def test_the_imbalance_panel_reads_what_the_hot_check_reads(dp_ab):
+    row = {"imbalance_gpu_busy": 1.1, "imbalance_requests": 1.5,
+           "imbalance_computed_tokens": 1.2}
+    assert dp_ab._panel_value(row, "imbalance_gpu_busy") == 1.1
+    row["imbalance_gpu_busy"] = math.nan  # not sampled
+    assert dp_ab._panel_value(row, "imbalance_gpu_busy") == 1.5
+    row["imbalance_computed_tokens"] = 1.7
+    assert dp_ab._panel_value(row, "imbalance_gpu_busy") == 1.7
+    assert dp_ab._panel_value({"request_throughput": 3}, "request_throughput") == 3.0
+    assert math.isnan(dp_ab._panel_value({}, "ttft_p50_ms"))
