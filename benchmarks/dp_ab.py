@@ -94,7 +94,13 @@ from asyncbatch.bench.workloads import (  # noqa: E402
     RandomWorkload,
     random_tokens,
 )
-from asyncbatch.dp.routing import DEFAULT_KEY_SHARE, DEFAULT_NEW_KEY_SLACK  # noqa: E402
+from asyncbatch.dp.routing import (  # noqa: E402
+    DEFAULT_KEY_SHARE,
+    DEFAULT_LOAD_BOUND,
+    DEFAULT_LOAD_SLACK,
+    DEFAULT_NEW_KEY_SLACK,
+    DEFAULT_PREFIX_TOKENS,
+)
 
 VARIANTS = ("stock", "asyncbatch", "asyncbatch-norouting", "hash-header")
 # --replay only: asyncbatch's routing without the seat check (which the first GPU
@@ -661,19 +667,28 @@ class ReplaySettings:
     burst_s: float = 0.0
 
 
-def replay_route(variant: str, cfg: Config, client_count: int = 1) -> Any:
-    """The front end of one API server of ``variant``, one of ``client_count``."""
+def replay_route(variant: str, cfg: Config, client_count: int = 1,
+                 client_index: int = 0) -> Any:
+    """The front end of one API server of ``variant`` (the ``client_index``-th of
+    ``client_count``): the installed vLLM's own data-parallel client, with
+    asyncbatch's routing hook for the routed variants."""
+    from asyncbatch.dp.frontend import Router
     from asyncbatch.sim import dp as sim_dp
 
+    def client(**kw: Any) -> Any:
+        return sim_dp.VllmFrontEnd(cfg.dp, client_count=client_count,
+                                   client_index=client_index, **kw)
+
     if variant in ("stock", "asyncbatch-norouting"):
-        return sim_dp.VllmBalancer()
+        return client()
     if variant == "hash-header":
-        return lambda prompt, counts, request_id="": header_rank(prompt, len(counts))
-    return sim_dp.PrefixRouter(
-        block_size=16, seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs,
+        return client(rank_of=lambda prompt: header_rank(prompt, cfg.dp))
+    return client(router=Router(
+        block_size=16, prefix_tokens=DEFAULT_PREFIX_TOKENS, load_bound=DEFAULT_LOAD_BOUND,
+        seats=None if variant == "asyncbatch-noseats" else cfg.max_num_seqs,
+        slack=DEFAULT_LOAD_SLACK,
         key_share=1.0 if variant == "asyncbatch-noshare" else DEFAULT_KEY_SHARE,
-        new_key_slack=None if variant == "asyncbatch-nonewkey" else DEFAULT_NEW_KEY_SLACK,
-        client_count=client_count)
+        new_key_slack=None if variant == "asyncbatch-nonewkey" else DEFAULT_NEW_KEY_SLACK))
 
 
 def replay_api_servers(cfg: Config, settings: ReplaySettings) -> int:
@@ -720,7 +735,7 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
                       if asyncbatch else None)
         t0 = time.monotonic()
         sim = sim_dp.simulate(
-            arrival_list, [replay_route(variant, cfg, servers) for _ in range(servers)],
+            arrival_list, [replay_route(variant, cfg, servers, c) for c in range(servers)],
             num_engines=cfg.dp,
             scheduler_cls=ENGINES["asyncbatch" if asyncbatch else "async"]["scheduler_cls"],
             cost_model=cost_model, model_dir=model_dir, num_blocks=settings.num_kv_blocks,

@@ -155,6 +155,22 @@ def prefix_cache_counts_every_lookup() -> bool:
 # this client's unfinished requests, ``engine_inflight``).
 
 
+def dp_stock_route(client_cls: Any) -> Any:
+    """vLLM's own ``get_core_engine_for_request`` of ``client_cls``
+    (``DPLBAsyncMPClient``), also where asyncbatch's hook wraps it."""
+    from asyncbatch.dp.frontend import METHOD, ORIGINAL_ATTR
+
+    return client_cls.__dict__.get(ORIGINAL_ATTR) or client_cls.__dict__[METHOD]
+
+
+def dp_counts_width(client_cls: Any) -> int:
+    """Entries per engine in ``lb_engines``: 2 (<= 0.32) or 3 (0.33, with the KV
+    cache usage)."""
+    import inspect
+
+    return 3 if "kv_cache_usage" in inspect.getsource(dp_stock_route(client_cls)) else 2
+
+
 def dp_client_count(client: Any) -> int:
     """How many API servers share the engines (vLLM's ``client_count``), at least 1."""
     return max(1, int(getattr(client, "client_count", 1) or 1))

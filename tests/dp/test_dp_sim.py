@@ -250,3 +250,68 @@ def test_a_spread_burst_counts_times_from_the_send_time(model_dir):
     assert max(rt.first_token_s for rt in spread.requests.values()) > 0.4
     assert max(rt.first_token_s for rt in spread.requests.values()) > \
         max(rt.first_token_s for rt in at_once.requests.values())
+
+
+def test_vllm_front_end_is_vllms_own_client():
+    """Two API servers' clients of the installed vLLM: on equal counts the first
+    starts at engine 0, the second at engine 1, each alternating and adding
+    client_count waiting requests per route until the coordinator publishes;
+    finished requests leave reqs_in_flight."""
+    from asyncbatch.sim.dp import VllmFrontEnd
+
+    servers = [VllmFrontEnd(2, client_count=2, client_index=i) for i in range(2)]
+    for s in servers:
+        s.publish([[0, 0, 0.0], [0, 0, 0.0]])
+    assert [servers[0]([5] * 20, None, f"a{i}") for i in range(4)] == [0, 1, 0, 1]
+    assert [servers[1]([5] * 20, None, f"b{i}") for i in range(2)] == [1, 0]
+    assert [c[0] for c in servers[0].client.lb_engines] == [4, 4]  # 2 routes each, 2 per route
+    assert set(servers[0].client.reqs_in_flight) == {"a0", "a1", "a2", "a3"}
+    servers[0].finished("a0")
+    servers[0].finished("a0")  # once only
+    assert set(servers[0].client.reqs_in_flight) == {"a1", "a2", "a3"}
+    servers[0].publish([[0, 7, 0.1], [0, 0, 0.1]])  # the coordinator's counts replace the view
+    assert servers[0]([5] * 20, None, "a4") == 1
+    # a client that names the rank: vLLM takes it, and counts nothing locally
+    named = VllmFrontEnd(2, rank_of=lambda prompt: 1)
+    named.publish([[0, 0, 0.0], [0, 50, 0.0]])
+    assert named([5] * 20, None, "n") == 1 and named.client.lb_engines[1][0] == 0
+
+
+def test_vllm_front_end_with_the_hook_keeps_a_group_together():
+    from asyncbatch.dp.frontend import Router
+    from asyncbatch.dp.routing import hrw_order, prefix_key
+    from asyncbatch.sim.dp import VllmFrontEnd
+
+    group = list(range(2, 80))
+    first = hrw_order(prefix_key(group), range(2))[0]
+    server = VllmFrontEnd(2, router=Router(block_size=16, prefix_tokens=64, load_bound=0.1,
+                                           slack=8))
+    server.publish([[0, 0, 0.0], [0, 0, 0.0]])
+    assert [server(group + [i], None, f"g{i}") for i in range(6)] == [first] * 6
+    # the hook bumps the view as vLLM's balancer does
+    assert server.client.lb_engines[first][0] == 6
+    stock = VllmFrontEnd(2)
+    stock.publish([[0, 0, 0.0], [0, 0, 0.0]])
+    assert sorted(stock(group + [i], None, f"s{i}") for i in range(6)) == [0, 0, 0, 1, 1, 1]
+
+
+def test_vllm_front_end_routes_as_the_model_of_it(model_dir):
+    """On vLLM 0.26-0.32 the model (PrefixRouter, VllmBalancer on the view this
+    module keeps) and vLLM's own client with the hook make the same choices:
+    two API servers, a burst of prefix groups."""
+    from vllm.v1.engine import core_client
+
+    from asyncbatch import _compat
+    from asyncbatch.dp.frontend import Router
+    from asyncbatch.sim.dp import PrefixRouter, VllmFrontEnd
+
+    if _compat.dp_counts_width(core_client.DPLBAsyncMPClient) != 2:
+        pytest.skip("vLLM 0.33's client reads its in-flight floor and KV term; the model does not")
+    arrivals = group_arrivals(groups=8, members=4, prefix_len=64)
+    model = run(model_dir, arrivals, [PrefixRouter(seats=32, client_count=2) for _ in range(2)])
+    real = run(model_dir, arrivals, [
+        VllmFrontEnd(2, client_count=2, client_index=i,
+                     router=Router(block_size=16, prefix_tokens=64, load_bound=0.1,
+                                   seats=32, slack=8)) for i in range(2)])
+    assert {k: v.engine for k, v in real.requests.items()} == \
+        {k: v.engine for k, v in model.requests.items()}

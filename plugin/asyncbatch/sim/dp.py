@@ -20,6 +20,12 @@ first arrival ``publish_s`` or more after the last refresh), plus
 since (vLLM counts each routed request once per API server, assuming the
 others route alike).
 
+Front ends: `VllmFrontEnd` is the installed vLLM's own client class with or
+without asyncbatch's hook, keeping its own view as in the server (any
+release: its load view and balancing are vLLM's code); `VllmBalancer` and
+`PrefixRouter` are models of the 0.26-0.32 client on the view this module
+keeps.
+
 API servers: one front end (``route``) or several (a sequence of routes, one
 per ``--api-server-count`` process, each with its own view, its own
 rotation or ledger, and ``client_count`` = their number).  vLLM's API servers
@@ -157,6 +163,73 @@ class PrefixRouter:
         self._in_flight.discard(request_id)
 
 
+class VllmFrontEnd:
+    """One API server's data-parallel client: the installed vLLM's own
+    ``DPLBAsyncMPClient`` (built without its sockets and engines), choosing the
+    engine as it does in the server, through asyncbatch's hook
+    (`asyncbatch.dp.frontend.route`) when given a ``router``.
+
+    It keeps its own load view, as the server does: the coordinator's counts
+    reach it through `publish` (``[waiting, running, kv_cache_usage]`` per
+    engine, cut to the entries the installed client reads), and vLLM's method
+    adds its local increments, records the request in ``reqs_in_flight`` (and,
+    on 0.33, ``engine_inflight``); `finished` removes it as the client does when
+    an engine reports the request finished.  ``rank_of(prompt)``, if given,
+    names a rank for every request (a client sending ``X-data-parallel-rank``).
+    """
+
+    def __init__(self, num_engines: int, *, client_count: int = 1, client_index: int = 0,
+                 router: Router | None = None,
+                 rank_of: Callable[[Sequence[int]], int] | None = None) -> None:
+        from collections import Counter
+
+        from vllm.v1.engine import core_client
+
+        from asyncbatch import _compat
+        from asyncbatch.dp import frontend
+
+        cls = core_client.DPLBAsyncMPClient
+        self._route = frontend.route
+        self._stock = _compat.dp_stock_route(cls)
+        self._width = _compat.dp_counts_width(cls)
+        self._rank_of = rank_of
+        self.router = router
+        self.client_count = client_count
+        # built without __init__ (no sockets, no engines): the attributes its
+        # routing reads, as vLLM's __init__ and the coordinator set them
+        client: Any = object.__new__(cls)
+        client.core_engines = [i.to_bytes(2, "little") for i in range(num_engines)]
+        client.lb_engines = [[0, 0, 0.0][:self._width] for _ in range(num_engines)]
+        client.client_count = client_count
+        client.client_index = client_index
+        client.eng_start_index = (num_engines * client_index) // client_count
+        client.reqs_in_flight = {}
+        client.streaming_reqs = set()  # 0.33's bookkeeping, unused on 0.26
+        client.engine_inflight = Counter()
+        client.vllm_config = None
+        # the routing decision, made once per client in the server
+        client.__dict__[frontend.ROUTER_ATTR] = router
+        self.client: Any = client
+        self._engines = {e: i for i, e in enumerate(client.core_engines)}
+
+    def publish(self, counts: Sequence[Sequence[float]]) -> None:
+        """A coordinator update: replaces the load view, local increments included."""
+        self.client.lb_engines = [list(c)[:self._width] for c in counts]
+
+    def __call__(self, prompt: Sequence[int], counts: Any = None, request_id: str = "") -> int:
+        request = SimpleNamespace(
+            request_id=request_id, prompt_token_ids=list(prompt), pooling_params=None,
+            data_parallel_rank=None if self._rank_of is None else self._rank_of(prompt),
+            lora_request=None, cache_salt=None, mm_features=None, resumable=False)
+        engine = self._route(self.client, request, self._stock)
+        return self._engines[engine]
+
+    def finished(self, request_id: str) -> None:
+        engine = self.client.reqs_in_flight.pop(request_id, None)
+        if engine is not None and self.client.engine_inflight.get(engine, 0) > 0:
+            self.client.engine_inflight[engine] -= 1
+
+
 class _Engine:
     def __init__(self, index: int, scheduler: Any, cost_model: CostModel, depth: int) -> None:
         from asyncbatch.sim.engine import SimEngine
@@ -207,6 +280,11 @@ class _Engine:
     def counts(self) -> list[float]:
         running, waiting = self.scheduler.get_request_counts()
         return [float(waiting), float(running)]
+
+    def published(self) -> list[float]:
+        """What the DP coordinator publishes: waiting, running, KV cache usage."""
+        usage = getattr(self.scheduler.kv_cache_manager, "usage", 0.0)
+        return [*self.counts(), float(usage)]
 
     def counters(self) -> EngineCounters:
         stats = self.sim.stats
@@ -285,6 +363,9 @@ def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num
         engines.append(_Engine(i, scheduler, cost_model, depth))
     times: dict[str, RequestTimes] = {}
     finished = [getattr(r, "finished", None) for r in routes]
+    # front ends that keep their own load view (VllmFrontEnd): the coordinator's
+    # counts go to them at each update
+    publishers: list[Any] = [r for r in routes if callable(getattr(r, "publish", None))]
     server: dict[str, int] = {}
 
     def record(o: Any, t: float) -> None:
@@ -330,12 +411,14 @@ def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num
             account(a.time_s)
             if a.time_s - published >= publish_s:  # the coordinator publishes to all
                 views = [[e.counts() for e in engines] for _ in routes]
+                for r in publishers:
+                    r.publish([e.published() for e in engines])
                 published = a.time_s
             c = server[a.request_id] = server_of(a.request_id, clients)
             rank = routes[c](a.prompt, views[c], a.request_id)
             if not 0 <= rank < num_engines:
                 raise ValueError(f"route chose engine {rank} of {num_engines}")
-            views[c][rank][0] += clients
+            views[c][rank][0] += clients  # a front end with its own view ignores this one
             engine = engines[rank]
             if not engine.has_work():
                 engine.clock = max(engine.clock, a.time_s)
