@@ -103,10 +103,11 @@ DEFAULT_LOAD_SLACK = 8.0
 # sharing a long prefix map to the same key.
 DEFAULT_PREFIX_TOKENS = 64
 # Default slack of a new key (no request in flight): 4 requests over the mean.
-# In the replay with two API servers (benchmarks/results/dp-replay), random
-# prompts at saturation went from 0.94x stock to 0.99x; 2 computed 1.5x the
-# ideal prompt tokens at 16 req/s (first requests of groups moved off their
-# first choice), 8 left random prompts at 0.95x.
+# In the replay with two API servers under KV pressure
+# (benchmarks/results/dp-replay), random prompts at saturation went from 0.94x
+# stock to 0.99x; 2 computed 1.5x the ideal prompt tokens at 16 req/s (first
+# requests of groups moved off their first choice), 8 left random prompts at
+# 0.95x.
 DEFAULT_NEW_KEY_SLACK = 4.0
 # Default key share: one key may hold half of a rank's cap.  With two ranks a
 # key that is half the traffic is then split about evenly over both.
