@@ -402,6 +402,13 @@ def resident_child(spec: dict[str, Any]) -> None:
         _write_atomic(Path(cmd["result"]), timed_part(llm, prompts, max_tokens))
 
 
+def site_pythonpath() -> str:
+    """A PYTHONPATH with which every process of a run imports
+    ``benchmarks/stack_sampling/sitecustomize.py`` (and the plugin)."""
+    return os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"), str(ROOT / "plugin"),
+                            os.environ.get("PYTHONPATH", "")])
+
+
 def switch_interval_env(variant: str, env: dict[str, str]) -> dict[str, str]:
     """``env`` with the ``~swN`` suffix's switch interval for every process of the
     engine (through ``benchmarks/stack_sampling/sitecustomize.py``)."""
@@ -409,9 +416,7 @@ def switch_interval_env(variant: str, env: dict[str, str]) -> dict[str, str]:
     if interval is None:
         return env
     return {**env, "ASYNCBATCH_SWITCH_INTERVAL_US": str(interval),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks/stack_sampling"),
-                                           str(ROOT / "plugin"),
-                                           os.environ.get("PYTHONPATH", "")])}
+            "PYTHONPATH": site_pythonpath()}
 
 
 def serve_command(spec_path: Path) -> list[str]:
@@ -553,6 +558,7 @@ def run_resident(a: argparse.Namespace, model: str, variants: list[str],
 
 
 def abba_plan(variants: list[str], repeats: int, offset: int) -> list[tuple[str, int]]:
+    """``(variant, repeat)`` in A B B A order (`asyncbatch.bench.stats.abba_order`)."""
     sys.path.insert(0, str(ROOT / "plugin"))
     from asyncbatch.bench.stats import abba_order
 
@@ -719,9 +725,7 @@ def main() -> int:
             child_env = switch_interval_env(variant, child_env)
             site = True
         if site:  # every process of the run imports benchmarks/stack_sampling/sitecustomize
-            child_env["PYTHONPATH"] = os.pathsep.join(
-                [str(ROOT / "benchmarks/stack_sampling"), str(ROOT / "plugin"),
-                 os.environ.get("PYTHONPATH", "")])
+            child_env["PYTHONPATH"] = site_pythonpath()
         with open(log, "w") as f:
             rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
                                 stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout,
@@ -822,11 +826,8 @@ def run_plan(variants: list[str], repeats: int, offset: int = 0, sync_check: boo
     """(variant, extra environment) per run: A B B A order over ``repeats`` repeats
     starting at repeat ``offset`` (so that a run split over several commands keeps
     alternating), then the sync-check run of the last variant if asked."""
-    sys.path.insert(0, str(ROOT / "plugin"))
-    from asyncbatch.bench.stats import abba_order
-
     plan: list[tuple[str, dict[str, str]]] = [
-        (v, {}) for v, _ in abba_order(variants, repeats, offset)]
+        (v, {}) for v, _ in abba_plan(variants, repeats, offset)]
     if sync_check:
         plan.append((variants[-1], {"VLLM_GPU_SYNC_CHECK": "error"}))
     return plan

@@ -5,7 +5,6 @@
 the DP coordinator's updates set them), real ``EngineCoreRequest`` objects."""
 
 import asyncio
-import inspect
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from collections import Counter
 import pytest
 
 import asyncbatch
+from asyncbatch import _compat
 from asyncbatch.dp import frontend
 from asyncbatch.dp.routing import hrw_order, prefix_key
 
@@ -47,13 +47,12 @@ def hooked(core_client, monkeypatch):
 
 
 def stock_method(module):
-    cls = module.DPLBAsyncMPClient
-    return cls.__dict__.get(frontend.ORIGINAL_ATTR, cls.__dict__["get_core_engine_for_request"])
+    return _compat.dp_stock_route(module.DPLBAsyncMPClient)
 
 
 def lb_width(module) -> int:
     """[waiting, running] (<= 0.32) or [waiting, running, kv_cache_usage] (0.33)."""
-    return 3 if "kv_cache_usage" in inspect.getsource(stock_method(module)) else 2
+    return _compat.dp_counts_width(module.DPLBAsyncMPClient)
 
 
 def make_config(settings=None, scheduler_cls="asyncbatch.Scheduler", dp=2):

@@ -256,11 +256,12 @@ def rank_for(key: bytes | None, loads: Sequence[float] | Mapping[int, float],
             order = with_seats
     if math.isinf(eps):
         return order[0]
-    cap = load_cap(sum(current.values()), len(current), eps, cost, slack)
+    total = sum(current.values())
+    cap = load_cap(total, len(current), eps, cost, slack)
     if (new_key_slack is not None and key_load is not None
             and not any(v > 0 for v in key_load.values())):
         # a key with nothing in flight: no group to keep together yet
-        cap = min(cap, math.ceil((sum(current.values()) + cost) / len(current)) + new_key_slack)
+        cap = min(cap, math.ceil((total + cost) / len(current)) + new_key_slack)
     within = [r for r in order if current[r] + cost <= cap]
     if key_load and key_share < 1.0:
         share_cap = max(key_share * cap, slack, cost)

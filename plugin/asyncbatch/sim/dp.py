@@ -410,9 +410,10 @@ def simulate(arrivals: Sequence[Arrival], route: Route | Sequence[Route], *, num
             i += 1
             account(a.time_s)
             if a.time_s - published >= publish_s:  # the coordinator publishes to all
-                views = [[e.counts() for e in engines] for _ in routes]
+                counts = [e.published() for e in engines]
+                views = [[c[:2] for c in counts] for _ in routes]
                 for r in publishers:
-                    r.publish([e.published() for e in engines])
+                    r.publish(counts)
                 published = a.time_s
             c = server[a.request_id] = server_of(a.request_id, clients)
             rank = routes[c](a.prompt, views[c], a.request_id)
