@@ -641,8 +641,10 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                              f"{rec['ttft_p50_ms']:.0f} ms, hits "
                              f"{rec['prefix_cache_hits']:.0f}/{rec['prefix_cache_queries']:.0f}, "
                              f"imbalance {rec['imbalance_requests']:.2f}")
-                    (cfg.out / "runs-partial.json").write_text(json.dumps(runs, indent=1,
-                                                                          default=str))
+                    # what --merge needs of a stopped command: its runs and their settings
+                    (cfg.out / "runs-partial.json").write_text(json.dumps(
+                        {"config": config_record(cfg, order), "runs": runs}, indent=1,
+                        default=_json_default))
         progress(f"  server {kind} done in {time.monotonic() - t0:.0f} s")
     result = {"config": config_record(cfg, order), "runs": runs,
               "summary": summarize(runs, cfg.variants)}
@@ -794,8 +796,9 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
               ) -> list[dict[str, Any]]:
     """The runs recorded in each file (a ``results.json`` or a ``runs-partial.json``
     left by a run that was stopped), each tagged with its ``source`` file (kept
-    where an earlier merge set it).  The ``config`` of each ``results.json`` is
-    appended to ``configs``."""
+    where an earlier merge set it).  The ``config`` each file recorded (every
+    ``results.json``, and ``runs-partial.json`` since it carries one) is appended
+    to ``configs``."""
     runs: list[dict[str, Any]] = []
     for path in paths:
         try:
@@ -817,12 +820,24 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
     return runs
 
 
+# The settings that make runs comparable: runs made with different ones do not merge.
+MERGE_KEYS = ("model", "dp", "shape", "max_num_seqs", "max_model_len", "api_server_count",
+              "enforce_eager", "extra_serve_args", "replay")
+
+
 def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
     """One result from the runs of several commands (a series split over
     commands, or a run stopped part way): the summary compares variants only
-    where they ran, and says where they ran in different sources."""
+    where they ran, and says where they ran in different sources.  The files'
+    recorded settings (`MERGE_KEYS`) must agree; files without any (older
+    ``runs-partial.json``) take the command line's."""
     configs: list[dict[str, Any]] = []
     runs = load_runs(paths, configs)
+    for key in MERGE_KEYS:
+        seen = [json.dumps(c[key], sort_keys=True, default=str) for c in configs if key in c]
+        if len(set(seen)) > 1:
+            raise BenchError(f"cannot merge runs made with different {key!r}: "
+                             f"{' vs '.join(dict.fromkeys(seen))}")
     simulated = {bool(r.get("simulated")) for r in runs}
     if len(simulated) > 1:
         raise BenchError("cannot merge --replay runs (simulated) with GPU runs")

@@ -150,6 +150,15 @@ def test_a_whole_ab_against_a_fake_server(dp_ab, tmp_path):
     # one server per repeat: hash-header is a client of the stock server
     assert sum("starting" in m for m in messages) == 2
     assert any("starting stock + hash-header" in m for m in messages)
+    # a command stopped part way leaves its runs with their settings, so that
+    # --merge records what the runs were made with, not the merge command's
+    partial = json.loads((out / "runs-partial.json").read_text())
+    assert len(partial["runs"]) == len(runs)
+    assert partial["config"]["extra_serve_args"] == saved["config"]["extra_serve_args"]
+    assert partial["config"]["shape"]["prefix_len"] == 80
+    other = dp_ab.Config(model=cfg.model, out=tmp_path / "merged")  # the defaults' shape
+    merged = dp_ab.merge(other, [out / "runs-partial.json"])
+    assert merged["config"]["shape"] == saved["config"]["shape"]
 
 
 def test_server_sessions(dp_ab):
@@ -205,6 +214,26 @@ def test_merge_summarizes_runs_of_several_commands(dp_ab, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(dp_ab.BenchError, match="no dp_ab runs"):
         dp_ab.load_runs([tmp_path / "bad.json"])
+
+
+def test_merge_refuses_runs_made_with_different_settings(dp_ab, tmp_path):
+    from asyncbatch.bench.models import ModelSpec
+
+    cfg = dp_ab.Config(model=ModelSpec(str(tmp_path), None, True), out=tmp_path / "out")
+    run = {"variant": "stock", "workload": "random", "rate": "inf", "repeat": 0,
+           "num_requests": 1, "completed": 1, "request_throughput": 1.0,
+           "engines": {"0": {"prefix_cache_hits": 0.0}}}
+    for name, extra in (("a", ["--num-gpu-blocks-override=6144"]), ("b", []),
+                        ("c", ["--num-gpu-blocks-override=6144"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"config": {**dp_ab.config_record(cfg, []), "extra_serve_args": extra},
+             "runs": [run]}))
+    with pytest.raises(dp_ab.BenchError, match="different 'extra_serve_args'"):
+        dp_ab.merge(cfg, [tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
+    merged = dp_ab.merge(cfg, [tmp_path / "a" / "results.json",
+                               tmp_path / "c" / "results.json"])
+    assert merged["config"]["extra_serve_args"] == ["--num-gpu-blocks-override=6144"]
 
 
 @pytest.mark.vllm
