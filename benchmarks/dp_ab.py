@@ -42,7 +42,7 @@ p50/p99 from streamed ``/v1/completions``) and each engine's view from the
 server's Prometheus ``/metrics`` (``engine="0"``/``"1"``): requests finished,
 prompt tokens, prefix-cache queries and hits (tokens), generated tokens,
 preemptions, and the time-averaged running + waiting requests sampled every
-``--sample-s``.  ``results.json``, ``summary.md`` and ``summary.png`` go to ``--out``.
+0.5 s (``Config.sample_s``).  ``results.json``, ``summary.md`` and ``summary.png`` go to ``--out``.
 
 The asyncbatch variants need asyncbatch's ``vllm.general_plugins`` entry point in
 the server's Python (that is what installs the routing hook in the API server);

@@ -27,6 +27,8 @@ CUDA graphs as the worker, and the worker):
 - ``grouped``: ``asyncbatch.Scheduler`` alone with its default settings (prefix
   groups, decode first, the KV forecast, the fast paths) and vLLM's own worker: the
   scheduler as users turn it on with ``--scheduler-cls`` only.
+- ``full3``: ``asyncbatch.Scheduler`` with its default settings and
+  ``asyncbatch.Worker``, three in flight: both as users turn them on.
 - a suffix ``+cgN`` on any (``async+cg1024``) sets vLLM's ``max_cudagraph_capture_size``
   to N, i.e. captures CUDA graphs for batches of up to N tokens (vLLM: 512).
 - a last suffix ``~swN`` on any (``depth3~sw200``) sets Python's thread switch

@@ -186,7 +186,8 @@ class AsyncBatchConfig(BaseModel):
             '"prefix": by its prefix key (dp_prefix_tokens), rendezvous-hashed over the '
             "engines, the first engine in that order whose load stays within dp_load_bound "
             "of the mean, so requests sharing a prefix meet on one engine and a hot prefix "
-            "spills to its second choice. Stateless: several API servers choose alike. "
+            "spills to its second choice. The engine order is a pure function of the key, "
+            "so several API servers agree on it without talking. "
             '"auto": "prefix" when the engines run asyncbatch.Scheduler, else vLLM\'s '
             'balancing. "off": vLLM\'s balancing, by load alone. See '
             "docs/scale-out.md."
