@@ -6,7 +6,11 @@
     python3 benchmarks/dp_ab.py --quick --out /tmp/dp-smoke      # a smoke test
 
 A series too long for one command splits into parts that continue its order,
-then merges (a part that was stopped leaves ``runs-partial.json``)::
+then merges (a part that was stopped leaves ``runs-partial.json``, with the
+settings its runs were made with; a later command into the same ``--out`` moves
+it to ``runs-partial-<time>.json``).  ``--merge`` refuses files made with
+different settings (model shape, server arguments, ...) and a run found in two
+files::
 
     python3 benchmarks/dp_ab.py --repeats 1 --out /tmp/dp-a
     python3 benchmarks/dp_ab.py --repeats 1 --repeat-offset 1 --out /tmp/dp-b
@@ -236,6 +240,10 @@ async def _one(session: Any, url: str, model: str, req: Req, headers: dict[str, 
                     if data == b"[DONE]":
                         continue
                     msg = json.loads(data)
+                    if msg.get("error"):
+                        # vLLM reports an error that happens mid-stream as an event
+                        # of an HTTP 200 response, then [DONE]
+                        return Result(False, error=f"error event: {str(msg['error'])[:200]}")
                     if msg.get("choices") and ttft is None:
                         ttft = time.perf_counter() - t0
                     usage = msg.get("usage")
@@ -583,6 +591,12 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = cfg.out / "work"
     work.mkdir(exist_ok=True)
+    earlier = cfg.out / "runs-partial.json"
+    if earlier.exists():  # a stopped command's runs: kept for --merge, not overwritten
+        kept = cfg.out / time.strftime("runs-partial-%Y%m%d-%H%M%S.json",
+                                       time.localtime(earlier.stat().st_mtime))
+        earlier.rename(kept)
+        progress(f"kept the runs of an earlier command in {kept}")
     env = env if env is not None else plugin_env(work)
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
@@ -820,9 +834,18 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
     return runs
 
 
-# The settings that make runs comparable: runs made with different ones do not merge.
-MERGE_KEYS = ("model", "dp", "shape", "max_num_seqs", "max_model_len", "api_server_count",
-              "enforce_eager", "extra_serve_args", "replay")
+# The settings that make runs comparable: runs made with different ones do not merge
+# (the model by its shape and load format, not by where its folder was).
+MERGE_KEYS = ("model", "dp", "shape", "max_num_seqs", "max_model_len", "gpu_memory_utilization",
+              "max_concurrency", "api_server_count", "enforce_eager", "extra_serve_args",
+              "replay")
+
+
+def _merge_view(config: dict[str, Any], key: str) -> str:
+    value = config[key]
+    if key == "model" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "path"}
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
@@ -831,21 +854,38 @@ def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
     where they ran, and says where they ran in different sources.  The files'
     recorded settings (`MERGE_KEYS`) must agree; files without any (older
     ``runs-partial.json``) take the command line's."""
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise BenchError(f"the same file given twice: {', '.join(twice)}")
     configs: list[dict[str, Any]] = []
     runs = load_runs(paths, configs)
     for key in MERGE_KEYS:
-        seen = [json.dumps(c[key], sort_keys=True, default=str) for c in configs if key in c]
+        seen = [_merge_view(c, key) for c in configs if key in c]
         if len(set(seen)) > 1:
             raise BenchError(f"cannot merge runs made with different {key!r}: "
                              f"{' vs '.join(dict.fromkeys(seen))}")
+    # one run in two files (a results.json and the runs-partial.json of the same
+    # command, or a repeat made twice) would count twice in the medians
+    source_of: dict[tuple[str, int, str, float], str] = {}
+    for r in runs:
+        point = (r["variant"], int(r.get("repeat", 0)), r["workload"], r["rate"])
+        first = source_of.setdefault(point, r["source"])
+        if first != r["source"]:
+            raise BenchError(f"{point[0]} {point[2]}@{_rate(point[3])} repeat {point[1]} is "
+                             f"in both {first} and {r['source']}: merge each run once "
+                             "(a series' parts continue with --repeat-offset)")
     simulated = {bool(r.get("simulated")) for r in runs}
     if len(simulated) > 1:
         raise BenchError("cannot merge --replay runs (simulated) with GPU runs")
     variants = [v for v in REPLAY_VARIANTS if any(r["variant"] == v for r in runs)]
     order = list(dict.fromkeys((r["variant"], int(r["repeat"])) for r in runs))
     # the configuration the runs were made with, where a results.json recorded it
+    repeats = sorted({k for _, k in order})
     config = {**(configs[0] if configs else config_record(cfg, order)), "order": order,
-              "variants": variants, "merged_from": [str(p) for p in paths]}
+              "variants": variants, "repeats": len(repeats),
+              "repeat_offset": repeats[0] if repeats else 0,
+              "merged_from": [str(p) for p in paths]}
     if simulated == {True} and "replay" not in config:
         config["replay"] = next((c["replay"] for c in configs if "replay" in c),
                                 {"calibration": "?", "num_kv_blocks": "?", "publish_s": "?"})
@@ -887,6 +927,7 @@ def config_record(cfg: Config, order: list[tuple[str, int]]) -> dict[str, Any]:
             "repeats": cfg.repeats, "repeat_offset": cfg.repeat_offset, "order": order,
             "max_concurrency": cfg.max_concurrency,
             "max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
             "api_server_count": cfg.api_server_count, "enforce_eager": cfg.enforce_eager,
             "extra_serve_args": cfg.extra_serve_args,
             "serve_args": {v: serve_cmd(cfg, v, 0)[len(VLLM_CLI):] for v in cfg.variants}}
@@ -1075,7 +1116,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------ CLI
 
 def _rates(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    """A comma-separated list of request rates: numbers > 0, or ``inf`` (all at once)."""
+    rates = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            rate = float(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a request rate: {x!r}") from None
+        if not rate > 0:  # also NaN
+            raise argparse.ArgumentTypeError(f"a request rate must be > 0 or inf, got {x!r}")
+        rates.append(rate)
+    return rates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1137,6 +1190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--replay-burst-s must be a finite number >= 0, got {args.replay_burst_s}")
     if args.merge and (args.replay or args.quick):
         p.error("--merge summarizes runs already made: no --replay or --quick with it")
+    if not args.merge and not args.quick and not (
+            args.rates or args.random_rates or args.hot_rates):
+        p.error("nothing to run: --rates, --random-rates and --hot-rates are all empty")
     if args.repeat_offset and (args.replay or args.quick):
         p.error("--repeat-offset continues a GPU series: not with --replay (deterministic, "
                 "one run) or --quick (one repeat)")
@@ -1170,8 +1226,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from asyncbatch.bench.models import ModelError
+
     args = parse_args(argv)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ModelError as e:
+        print(f"dp_ab: {e}", file=sys.stderr)
+        return 2
     with procs.sigterm_raises():
         try:
             if args.merge:

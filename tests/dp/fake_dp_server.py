@@ -6,7 +6,9 @@ Two fake engines.  A request goes to the engine its ``X-data-parallel-rank``
 header names, else round robin.  Each engine keeps a prefix cache of the first
 64 prompt tokens; ``/metrics`` reports vLLM's per-engine counters and gauges
 (``engine="0"``/``"1"``), ``/v1/completions`` streams ``max_tokens`` chunks as
-vLLM does (SSE, a final usage chunk, ``[DONE]``).
+vLLM does (SSE, a final usage chunk, ``[DONE]``).  A request for
+``FAIL_MAX_TOKENS`` tokens fails mid-stream as vLLM reports it: an error event
+in the HTTP 200 stream, then ``[DONE]``.
 """
 
 import asyncio
@@ -17,6 +19,7 @@ import sys
 from aiohttp import web
 
 PORT = int(sys.argv[1])
+FAIL_MAX_TOKENS = 7
 ENGINES = 2
 counters = [dict.fromkeys(("request_success", "prompt_tokens", "generation_tokens",
                            "prefix_cache_queries", "prefix_cache_hits", "num_preemptions"), 0)
@@ -67,6 +70,11 @@ async def completions(request):
             await asyncio.sleep(0.001)
             chunk = {"choices": [{"index": 0, "text": f" t{i}"}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if body["max_tokens"] == FAIL_MAX_TOKENS and i == 2:
+                error = {"error": {"message": "fake engine error", "type": "InternalServerError",
+                                   "code": 500}}
+                await resp.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                return resp
         usage = {"choices": [], "usage": {"prompt_tokens": len(prompt),
                                           "completion_tokens": body["max_tokens"]}}
         await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())

@@ -159,6 +159,27 @@ def test_a_whole_ab_against_a_fake_server(dp_ab, tmp_path):
     other = dp_ab.Config(model=cfg.model, out=tmp_path / "merged")  # the defaults' shape
     merged = dp_ab.merge(other, [out / "runs-partial.json"])
     assert merged["config"]["shape"] == saved["config"]["shape"]
+    # a later command into the same folder keeps the stopped command's runs
+    dp_ab.run_all(dp_ab.Config(**{**cfg.__dict__, "rates": [], "hot_rates": [],
+                                  "variants": ["stock"], "repeats": 1}),
+                  server_cmd=lambda variant, port: [sys.executable, str(FAKE), str(port)],
+                  env=dict(os.environ), progress=messages.append)
+    kept = list(out.glob("runs-partial-*.json"))
+    assert len(kept) == 1 and len(json.loads(kept[0].read_text())["runs"]) == len(runs)
+    assert len(json.loads((out / "runs-partial.json").read_text())["runs"]) == 1
+
+
+def test_an_error_event_mid_stream_fails_the_request(dp_ab, tmp_path):
+    # vLLM answers HTTP 200 and reports a later error as an event of the stream
+    port = dp_ab.free_port()
+    with dp_ab.running_server([sys.executable, str(FAKE), str(port)], port=port,
+                              log_path=tmp_path / "server.log", health_timeout_s=60):
+        reqs = [dp_ab.Req(list(range(100)), 5, -1), dp_ab.Req(list(range(100, 200)), 7, -1)]
+        done, _ = dp_ab.run_client(port, "fake", reqs, math.inf, seed=0, rank_header=None,
+                                   max_concurrency=None, timeout_s=60)
+    assert [r.ok for r in done] == [True, False]
+    assert "fake engine error" in done[1].error
+    assert done[0].output_tokens == 5
 
 
 def test_server_sessions(dp_ab):
@@ -231,9 +252,36 @@ def test_merge_refuses_runs_made_with_different_settings(dp_ab, tmp_path):
              "runs": [run]}))
     with pytest.raises(dp_ab.BenchError, match="different 'extra_serve_args'"):
         dp_ab.merge(cfg, [tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
+    # the same run in two files would count twice
+    with pytest.raises(dp_ab.BenchError, match="repeat 0 is in both"):
+        dp_ab.merge(cfg, [tmp_path / "a" / "results.json", tmp_path / "c" / "results.json"])
+    with pytest.raises(dp_ab.BenchError, match="same file given twice"):
+        dp_ab.merge(cfg, [tmp_path / "a" / "results.json", tmp_path / "a" / ".." / "a" /
+                          "results.json"])
+    # a series' second part (repeat 1) merges, and the merged config says so
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    saved["config"]["model"]["path"] = "/elsewhere"  # another checkout's model folder
+    saved["config"]["repeat_offset"] = 1
+    saved["runs"] = [{**run, "repeat": 1}]
+    (tmp_path / "c" / "results.json").write_text(json.dumps(saved))
     merged = dp_ab.merge(cfg, [tmp_path / "a" / "results.json",
                                tmp_path / "c" / "results.json"])
     assert merged["config"]["extra_serve_args"] == ["--num-gpu-blocks-override=6144"]
+    assert (merged["config"]["repeats"], merged["config"]["repeat_offset"]) == (2, 0)
+    assert merged["summary"]["random@inf"]["stock"]["n"] == 2
+
+
+def test_bad_rates_and_an_empty_plan_are_refused(dp_ab, capsys):
+    for rates in ("0", "-1", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            dp_ab.parse_args(["--rates", rates])
+        assert "--rates" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dp_ab.parse_args(["--rates=", "--random-rates=", "--hot-rates="])
+    assert "nothing to run" in capsys.readouterr().err
+    assert dp_ab.parse_args(["--rates", "8, inf"]).rates == [8.0, math.inf]
+    assert dp_ab.main(["--model", "dummy:no-such-shape", "--merge", "x.json"]) == 2
+    assert "dp_ab:" in capsys.readouterr().err
 
 
 @pytest.mark.vllm
