@@ -62,8 +62,8 @@ before and after (vLLM's shared-memory queues poll, so a thread that waits on on
 reads busy too), then generates greedily for a parity set: prompts of mixed lengths
 whose ``max_tokens`` differ, so requests finish at different steps, with prefix
 caching on.  The parent compares the parity tokens of every run with the first
-``async`` run's and fails on any difference.  ``--sync-check`` adds one run of
-the deep variant under ``VLLM_GPU_SYNC_CHECK=error`` (any host sync inside
+run of the first of ``--variants`` and fails on any difference.  ``--sync-check``
+adds one run of the last of ``--variants`` under ``VLLM_GPU_SYNC_CHECK=error`` (any host sync inside
 ``execute_model`` / ``sample_tokens`` raises).
 """
 
@@ -142,6 +142,20 @@ def parity_prompts(n: int = 64, seed: int = 1) -> tuple[list[list[int]], list[in
     return prompts, max_tokens
 
 
+def nvml_handle(pynvml: Any) -> Any:
+    """NVML's handle of the GPU the engine runs on: the first device
+    ``CUDA_VISIBLE_DEVICES`` names (an index, or a UUID), else device 0.  NVML
+    ignores ``CUDA_VISIBLE_DEVICES`` and numbers devices in PCI bus order; on a
+    host of identical GPUs CUDA's default order agrees with it, elsewhere set
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(first))
+    if first.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(first)
+    return pynvml.nvmlDeviceGetHandleByIndex(0)
+
+
 class UtilSampler(threading.Thread):
     """NVML GPU utilization (% of time a kernel ran in the last sample period)."""
 
@@ -154,7 +168,7 @@ class UtilSampler(threading.Thread):
 
         pynvml.nvmlInit()
         self.nvml = pynvml
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.handle = nvml_handle(pynvml)
         self.period_s = period_s
         self.samples: list[int] = []
         self._halt = threading.Event()
@@ -656,6 +670,9 @@ def main() -> int:
                     help="run nothing: write FILE.png beside each result file (output "
                          "tok/s and NVML busy share of every timed run, in run order)")
     a = ap.parse_args()
+    for name in ("repeats", "num_prompts"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.long:
         a.repeats = a.repeats or 6
         a.num_prompts = a.num_prompts or 6000
@@ -666,12 +683,18 @@ def main() -> int:
         ap.error("--repeat-offset must be >= 0")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
-    if a.plot:
-        for file in a.plot:
-            print(plot_result(file))
-        return 0
-    if a.pool:
-        print(format_pool(pool_results(a.pool, a.variants.split(",")[0])))
+    if a.plot or a.pool:
+        try:
+            if a.plot:
+                for file in a.plot:
+                    print(plot_result(file))
+            else:
+                print(format_pool(pool_results(a.pool, a.variants.split(",")[0])))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"worker_ab: not a readable result file: "
+                             f"{type(e).__name__}: {e}") from None
+        except ImportError as e:
+            raise SystemExit(f"worker_ab: --plot needs matplotlib ({e})") from None
         return 0
     if a.serve:
         resident_child(json.loads(a.serve.read_text()))
@@ -682,12 +705,22 @@ def main() -> int:
         Path(spec["result"]).write_text(json.dumps(result))
         return 0
 
+    variants = a.variants.split(",")
+    # every variant known before any engine starts
+    if len(set(variants)) < len(variants) or not all(variants):
+        ap.error(f"--variants must name each variant once: {a.variants!r}")
+    for v in variants:
+        try:
+            engine_args(v)
+            switch_interval_us(v)
+        except (SystemExit, ValueError) as e:
+            ap.error(str(e) if isinstance(e, SystemExit) else f"unknown variant {v!r}")
+
     sys.path.insert(0, str(ROOT / "plugin"))
     from asyncbatch.bench.models import resolve_model
     model = resolve_model(f"dummy:{a.shape}")
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    variants = a.variants.split(",")
     if a.resident:
         if a.sync_check or a.stacks:
             ap.error("--resident runs timed parts only: no --sync-check or --stacks")
@@ -774,7 +807,17 @@ def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
     """The timed runs (no sync-check runs) of several result files, by variant: the
     median output tok/s over all of them, the range, the NVML range, and the ratio of
     medians against ``baseline``.  The files must share shape and workload."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        raise SystemExit("the same file given twice: its runs would count twice")
     docs = [json.loads(Path(p).read_text()) for p in paths]
+    for p, d in zip(paths, docs):
+        if d.get("parity_mismatches"):
+            raise SystemExit(f"{p}: greedy outputs differed from the baseline's "
+                             f"({d['parity_mismatches']}): not pooled")
+        if d.get("complete") is False:
+            print(f"note: {p} is incomplete (stopped part way); its finished runs are pooled",
+                  file=sys.stderr)
     keys = {(d["shape"], json.dumps(d["workload"], sort_keys=True)) for d in docs}
     if len(keys) > 1:
         raise SystemExit(f"cannot pool files of different shapes or workloads: {sorted(keys)}")

@@ -160,6 +160,55 @@ def test_pool_results(worker_ab, tmp_path):
         worker_ab.pool_results([a, c], "async")
 
 
+def test_pool_refuses_what_would_mislead(worker_ab, tmp_path):
+    run = {"variant": "async", "output_tok_s": 100.0, "nvml_util_steady": 60.0}
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"shape": "llama-1b", "workload": {}, "runs": [run],
+                                "parity_mismatches": {}}))
+    bad.write_text(json.dumps({"shape": "llama-1b", "workload": {}, "runs": [run],
+                               "parity_mismatches": {"depth3": [3]}}))
+    with pytest.raises(SystemExit, match="same file given twice"):
+        worker_ab.pool_results([good, tmp_path / "." / "good.json"], "async")
+    with pytest.raises(SystemExit, match="greedy outputs differed"):
+        worker_ab.pool_results([good, bad], "async")
+    assert worker_ab.pool_results([good], "async")["variants"]["async"]["runs"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "async,bogus"], "unknown variant 'bogus'"),
+    (["--variants", "async,async+cgX"], "unknown variant 'async+cgX'"),
+    (["--variants", "async,async"], "each variant once"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--num-prompts", "-5"], "--num-prompts must be >= 1"),
+    (["--pool", "missing.json"], "not a readable result file"),
+])
+def test_bad_input_stops_before_any_engine_starts(argv, message, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/worker_ab.py"), *argv,
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("*.json"))
+
+
+def test_nvml_reads_the_gpu_the_engine_runs_on(worker_ab, monkeypatch):
+    class FakeNvml:
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(i):
+            return ("index", i)
+
+        @staticmethod
+        def nvmlDeviceGetHandleByUUID(u):
+            return ("uuid", u)
+
+    for visible, handle in (("", ("index", 0)), ("1", ("index", 1)), ("3,0", ("index", 3)),
+                            ("GPU-ab12", ("uuid", "GPU-ab12"))):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert worker_ab.nvml_handle(FakeNvml) == handle
+
+
 def test_grouped_variant_is_the_scheduler_with_its_defaults(worker_ab):
     grouped = worker_ab.engine_args("grouped")
     assert grouped == {"distributed_executor_backend": "mp", "seed": 0,
