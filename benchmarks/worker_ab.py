@@ -811,7 +811,7 @@ def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
     if len(set(resolved)) < len(resolved):
         raise SystemExit("the same file given twice: its runs would count twice")
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    for p, d in zip(paths, docs):
+    for p, d in zip(paths, docs, strict=True):
         if d.get("parity_mismatches"):
             raise SystemExit(f"{p}: greedy outputs differed from the baseline's "
                              f"({d['parity_mismatches']}): not pooled")
