@@ -791,7 +791,9 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
     config = {**config_record(cfg, order), "replay": {**asdict(settings),
                                                       "calibration": cost_path,
                                                       "api_servers": servers}}
-    config["serve_args"] = {}
+    # what the replay does not use: one deterministic run per point, no server
+    config.update(serve_args={}, repeats=1, repeat_offset=0, extra_serve_args=[],
+                  gpu_memory_utilization=None, max_concurrency=None)
     result = {"config": config, "runs": runs, "summary": summarize(runs, cfg.variants)}
     write_outputs(result, cfg.out)
     return result

@@ -761,13 +761,14 @@ def main() -> int:
             site = True
         if site:  # every process of the run imports benchmarks/stack_sampling/sitecustomize
             child_env["PYTHONPATH"] = site_pythonpath()
-        with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
-                                stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout,
-                                env=child_env).returncode
-        spec_path.unlink()
+        try:
+            rc = run_child([sys.executable, __file__, "--child", str(spec_path)], log,
+                           a.timeout, child_env)
+        finally:
+            spec_path.unlink(missing_ok=True)
         if rc != 0:
-            print(f"run {i} {variant} failed (rc {rc}); log {log}:")
+            why = f"timed out after {a.timeout:g} s" if rc is None else f"failed (rc {rc})"
+            print(f"run {i} {variant} {why}; log {log}:")
             print("".join(log.read_text().splitlines(True)[-40:]))
             if runs:
                 write_result(path, a, variants, runs, complete=False)
@@ -864,6 +865,22 @@ def format_pool(pooled: dict[str, Any]) -> str:
         lines.append(f"| {v} | {r['runs']} | {r['output_tok_s_median']:,.0f} "
                      f"({lo:,.0f}..{hi:,.0f}) | {util} | {r['ratio_vs_baseline']:.3f} |")
     return "\n".join(lines)
+
+
+def run_child(cmd: list[str], log: Path, timeout_s: float, env: dict[str, str]) -> int | None:
+    """Run one fresh-engine run in its own session, output to ``log``: its exit
+    code, or None when it ran past ``timeout_s`` (then the whole session, the
+    engine's processes included, is killed)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
 
 
 def run_plan(variants: list[str], repeats: int, offset: int = 0, sync_check: bool = False

@@ -193,6 +193,32 @@ def test_bad_input_stops_before_any_engine_starts(argv, message, tmp_path):
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("*.json"))
 
 
+def test_a_run_past_its_timeout_is_killed_with_its_children(worker_ab, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+              "time.sleep(60)")
+    t0 = time.monotonic()
+    rc = worker_ab.run_child([sys.executable, "-c", script], tmp_path / "run.log", 3.0, {})
+    assert rc is None and time.monotonic() - t0 < 30
+    assert "started" in (tmp_path / "run.log").read_text()
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild (an engine process) went with the session
+        alive = subprocess.run(["ps", "-o", "stat=", "-p", str(grandchild)],
+                               capture_output=True, text=True).stdout.strip()
+        if not alive or alive.startswith("Z"):
+            break
+        time.sleep(0.1)
+    assert not alive or alive.startswith("Z")
+    assert worker_ab.run_child([sys.executable, "-c", "raise SystemExit(3)"],
+                               tmp_path / "b.log", 30.0, {}) == 3
+
+
 def test_nvml_reads_the_gpu_the_engine_runs_on(worker_ab, monkeypatch):
     class FakeNvml:
         @staticmethod
