@@ -823,10 +823,21 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
             raise BenchError(f"cannot read runs from {path}: {e}") from e
         found = data.get("runs") if isinstance(data, dict) else data
         if not isinstance(found, list) or not found or not all(
-                isinstance(r, dict) and {"variant", "workload", "rate"} <= set(r)
+                isinstance(r, dict) and {"variant", "workload", "rate", "repeat"} <= set(r)
                 for r in found):
             raise BenchError(f"{path}: no dp_ab runs in it (expected results.json or "
                              "runs-partial.json)")
+        for r in found:
+            try:
+                rate = float(r["rate"])
+                int(r["repeat"])
+            except (TypeError, ValueError):
+                raise BenchError(f"{path}: a run with rate {r['rate']!r} and repeat "
+                                 f"{r['repeat']!r}") from None
+            if r["workload"] not in WORKLOADS or r["variant"] not in REPLAY_VARIANTS or \
+                    not rate > 0:
+                raise BenchError(f"{path}: a run of unknown variant, workload or rate: "
+                                 f"{r['variant']!r} {r['workload']!r}@{r['rate']!r}")
         if configs is not None and isinstance(data, dict) and isinstance(
                 data.get("config"), dict):
             configs.append(data["config"])

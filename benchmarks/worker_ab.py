@@ -821,7 +821,8 @@ def pool_results(paths: list[Path], baseline: str) -> dict[str, Any]:
                   file=sys.stderr)
     keys = {(d["shape"], json.dumps(d["workload"], sort_keys=True)) for d in docs}
     if len(keys) > 1:
-        raise SystemExit(f"cannot pool files of different shapes or workloads: {sorted(keys)}")
+        raise SystemExit("cannot pool files of different shapes or workloads (a resident "
+                         f"file's workload also names its kind): {sorted(keys)}")
     stats = variant_stats([r for d in docs for r in d["runs"]])
     if baseline not in stats:
         raise SystemExit(f"no timed run of {baseline!r} in these files "

@@ -235,6 +235,11 @@ def test_merge_summarizes_runs_of_several_commands(dp_ab, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(dp_ab.BenchError, match="no dp_ab runs"):
         dp_ab.load_runs([tmp_path / "bad.json"])
+    for bad in ({"rate": "fast"}, {"workload": "bogus"}, {"rate": 0}):
+        (tmp_path / "bad.json").write_text(json.dumps(
+            [{**run("stock", "random", math.inf, 8.0, 0), **bad}]))
+        with pytest.raises(dp_ab.BenchError, match="bad.json: a run"):
+            dp_ab.load_runs([tmp_path / "bad.json"])
 
 
 def test_merge_refuses_runs_made_with_different_settings(dp_ab, tmp_path):
