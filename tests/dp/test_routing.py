@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -300,6 +301,13 @@ def test_a_burst_that_fills_the_engines_leaves_nobody_waiting_for_a_seat():
     assert pairs < 110, pairs
 
 
+def test_the_relative_bound_is_exact_for_a_decimal_eps():
+    # (1 + 0.1) * 100 / 2 is 55.00000000000001 in floating point: the cap is 55
+    assert load_cap(99, 2, 0.1) == 55
+    assert load_cap(100, 2, 0.1) == 56  # 55.55 rounds up
+    assert load_cap(29, 3, 0.5) == 15 and load_cap(30, 3, 0.5) == 16
+
+
 def test_capacity_below_one_request_is_an_error():
     with pytest.raises(ValueError, match="capacity"):
         rank_for(key_of(1), [0, 0], capacity=0.5)
@@ -312,7 +320,9 @@ def test_slack_keeps_a_key_on_its_rank_up_to_the_mean_plus_slack(key, n, eps, sl
     loads = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
     top = hrw_order(key, range(n))[0]
     total = sum(loads)
-    cap = max(math.ceil((1 + eps) * (total + 1) / n), math.ceil((total + 1) / n) + slack)
+    # exact arithmetic on the decimal eps
+    exact = (1 + Fraction(str(eps))) * (total + 1) / n
+    cap = max(math.ceil(exact), math.ceil(Fraction(total + 1, n)) + slack)
     assert load_cap(total, n, eps, 1.0, slack) == cap
     chosen = rank_for(key, loads, eps, slack=slack)
     assert loads[chosen] + 1 <= cap

@@ -177,12 +177,19 @@ def hrw_order(key: bytes, ranks: Iterable[int]) -> list[int]:
     return sorted(ranks, key=lambda r: (-_weight(key, r), r))
 
 
+def _ceil(x: float) -> int:
+    """``math.ceil``, reading a value within rounding error above an integer as
+    that integer: in binary floating point ``(1 + 0.1) * 100 / 2`` is
+    55.00000000000001, and the bound of a decimal ``eps`` means 55."""
+    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
+
+
 def load_cap(total: float, num_ranks: int, eps: float, cost: float = 1.0,
              slack: float = 0.0) -> float:
     """Most load a rank may hold after taking a request: ``ceil((1 + eps) *
     mean)``, and at least ``ceil(mean) + slack``, with ``mean = (total + cost) /
     num_ranks``."""
-    relative = math.ceil((1.0 + eps) * (total + cost) / num_ranks)
+    relative = _ceil((1.0 + eps) * (total + cost) / num_ranks)
     return float(max(relative, math.ceil((total + cost) / num_ranks) + slack))
 
 
