@@ -793,7 +793,9 @@ def replay_all(cfg: Config, settings: ReplaySettings, *,
                                                       "api_servers": servers}}
     # what the replay does not use: one deterministic run per point, no server
     config.update(serve_args={}, repeats=1, repeat_offset=0, extra_serve_args=[],
-                  gpu_memory_utilization=None, max_concurrency=None)
+                  gpu_memory_utilization=None, max_concurrency=None,
+                  model={"path": str(model_dir), "shape": None, "dummy": True,
+                         "load_format": "simulated"})
     result = {"config": config, "runs": runs, "summary": summarize(runs, cfg.variants)}
     write_outputs(result, cfg.out)
     return result
@@ -1040,9 +1042,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
             f"(`asyncbatch.sim.dp`), step times from `{Path(replay['calibration']).name}`, "
             f"{replay['num_kv_blocks']} KV blocks per engine, coordinator updates every "
             f"{replay['publish_s']} s.", ""]
+    model = (f"Model `{cfg['model']['path']}` ({cfg['model']['load_format']} weights)"
+             if not replay else "The schedulers' model folder "
+             f"`{Path(cfg['model']['path']).name}` (no weights: the engines are simulated)")
     lines += [
-        f"Model `{cfg['model']['path']}` ({cfg['model']['load_format']} weights), "
-        f"data-parallel size {cfg['dp']}, variants in order "
+        f"{model}, data-parallel size {cfg['dp']}, variants in order "
         f"{' '.join(v for v, _ in cfg['order'])}; workload shape {cfg['shape']}.",
         "Medians over repeats; throughput range in brackets; TTFT in ms; hits and computed "
         "prompt tokens summed over engines; imbalance = busiest / least busy engine "

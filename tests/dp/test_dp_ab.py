@@ -308,8 +308,11 @@ def test_replay_runs_the_same_ab_on_simulated_engines(dp_ab, tmp_path, model_dir
     runs = {r["variant"]: r for r in result["runs"] if math.isinf(r["rate"])}
     # 24 requests at once on two engines of 12 seats: the seats keep both at 12
     assert sorted(e["requests"] for e in runs["asyncbatch"]["engines"].values()) == [12, 12]
-    assert (tmp_path / "out" / "summary.md").read_text().startswith(
-        "# Data-parallel A/B: prefix routing vs vLLM's balancing (SIMULATED)")
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert text.startswith("# Data-parallel A/B: prefix routing vs vLLM's balancing (SIMULATED)")
+    # the replay's own model and one run per point, not the command line's
+    assert str(tmp_path) not in text and "the engines are simulated" in text
+    assert result["config"]["repeats"] == 1 and result["config"]["model"]["path"] != str(tmp_path)
     with pytest.raises(dp_ab.BenchError, match="only\\s+with --replay"):
         dp_ab.run_all(dp_ab.Config(model=cfg.model, out=tmp_path / "gpu",
                                    variants=["asyncbatch-noseats"]),
