@@ -608,6 +608,7 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                                    suffix_len=16, output_len=8, seed=99,
                                    vocab=cfg.shape.vocab))
     order, sessions = server_sessions(cfg.variants, cfg.repeats, cfg.repeat_offset)
+    record = config_record(cfg, order)
     gpu_reader = gpu_utilization_reader(cfg.dp) if server_cmd is None else None
     runs: list[dict[str, Any]] = []
     for i, (kind, k, clients) in enumerate(sessions):
@@ -657,11 +658,9 @@ def run_all(cfg: Config, *, server_cmd: Callable[[str, int], list[str]] | None =
                              f"imbalance {rec['imbalance_requests']:.2f}")
                     # what --merge needs of a stopped command: its runs and their settings
                     (cfg.out / "runs-partial.json").write_text(json.dumps(
-                        {"config": config_record(cfg, order), "runs": runs}, indent=1,
-                        default=_json_default))
+                        {"config": record, "runs": runs}, indent=1, default=_json_default))
         progress(f"  server {kind} done in {time.monotonic() - t0:.0f} s")
-    result = {"config": config_record(cfg, order), "runs": runs,
-              "summary": summarize(runs, cfg.variants)}
+    result = {"config": record, "runs": runs, "summary": summarize(runs, cfg.variants)}
     write_outputs(result, cfg.out)
     return result
 
@@ -829,6 +828,10 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
                 for r in found):
             raise BenchError(f"{path}: no dp_ab runs in it (expected results.json or "
                              "runs-partial.json)")
+        if configs is not None and isinstance(data, dict) and isinstance(
+                data.get("config"), dict):
+            configs.append(data["config"])
+        source = f"{Path(path).parent.name}/{Path(path).name}"
         for r in found:
             try:
                 rate = float(r["rate"])
@@ -840,12 +843,7 @@ def load_runs(paths: Sequence[Path], configs: list[dict[str, Any]] | None = None
                     not rate > 0:
                 raise BenchError(f"{path}: a run of unknown variant, workload or rate: "
                                  f"{r['variant']!r} {r['workload']!r}@{r['rate']!r}")
-        if configs is not None and isinstance(data, dict) and isinstance(
-                data.get("config"), dict):
-            configs.append(data["config"])
-        source = f"{Path(path).parent.name}/{Path(path).name}"
-        runs += [{**r, "rate": float(r["rate"]), "source": r.get("source", source)}
-                 for r in found]
+            runs.append({**r, "rate": rate, "source": r.get("source", source)})
     return runs
 
 
@@ -884,7 +882,7 @@ def merge(cfg: Config, paths: Sequence[Path]) -> dict[str, Any]:
     # command, or a repeat made twice) would count twice in the medians
     source_of: dict[tuple[str, int, str, float], str] = {}
     for r in runs:
-        point = (r["variant"], int(r.get("repeat", 0)), r["workload"], r["rate"])
+        point = (r["variant"], int(r["repeat"]), r["workload"], r["rate"])
         first = source_of.setdefault(point, r["source"])
         if first != r["source"]:
             raise BenchError(f"{point[0]} {point[2]}@{_rate(point[3])} repeat {point[1]} is "

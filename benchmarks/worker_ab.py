@@ -70,13 +70,11 @@ adds one run of the last of ``--variants`` under ``VLLM_GPU_SYNC_CHECK=error`` (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -507,9 +505,9 @@ class Resident:
                 self.proc.stdin.close()
             self.proc.wait(timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
-            with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            from asyncbatch.bench import procs
+
+            procs.kill_group(self.proc, grace_s=0)
         finally:
             self._log.close()
             self.spec_path.unlink(missing_ok=True)
@@ -872,16 +870,15 @@ def run_child(cmd: list[str], log: Path, timeout_s: float, env: dict[str, str]) 
     """Run one fresh-engine run in its own session, output to ``log``: its exit
     code, or None when it ran past ``timeout_s`` (then the whole session, the
     engine's processes included, is killed)."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
+    from asyncbatch.bench import procs
+
+    log.write_text("")  # procs.start appends; one log per run
+    proc = procs.start(cmd, log, env=env)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        procs.kill_group(proc)
+        return None
 
 
 def run_plan(variants: list[str], repeats: int, offset: int = 0, sync_check: bool = False
