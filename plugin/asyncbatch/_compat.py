@@ -123,6 +123,19 @@ def is_parked(scheduler: Any, request: Any) -> bool:
 
 
 
+def vllm_holds_resumes_in_flight() -> bool:
+    """Whether vLLM's own ``schedule()`` keeps a preempted request waiting while an
+    output of it is still in flight (0.33: it skips a request whose deliverable
+    ``num_stale_output_tokens`` have not returned).  vLLM 0.26 resumes it at once,
+    which is safe with two batches in flight only; `asyncbatch.Scheduler` holds it
+    back itself where vLLM does not (``Scheduler.schedule``)."""
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return "num_stale_output_tokens" in inspect.getsource(Scheduler.schedule)
+
+
 def output_loop_since_033() -> bool:
     """Whether ``Scheduler.update_from_output``'s per-request loop is laid out as in
     vLLM 0.33 (stale output counted by ``num_stale_output_tokens``, placeholders and

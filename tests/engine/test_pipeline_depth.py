@@ -139,6 +139,46 @@ def test_third_batch_gives_the_same_tokens_as_stock(make_scheduler, v2_runner, s
     assert deep.stats.num_preemptions > 0  # the KV pressure was real
 
 
+def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_scheduler,
+                                                                     v2_runner):
+    """Three in flight on vLLM 0.26: a request preempted while a step that samples
+    for it is still in flight waits until that step has returned.  Resumed earlier,
+    its prefill would sample the position that step samples, and vLLM's
+    ``num_output_placeholders >= 0`` assertion would end the engine (seen on a GPU
+    under KV pressure); vLLM 0.33 holds such a request back itself."""
+    from asyncbatch._compat import vllm_holds_resumes_in_flight
+
+    held = resumed = 0
+    for seed in range(3):
+        stream = prefix_stream(seed, num_groups=6, members=6, max_tokens=48)
+        engine = SimEngine(make_scheduler(ASYNCBATCH, num_blocks=40, worker_cls=WORKER,
+                                          **depth({"policy": "fcfs"})))
+        s = engine.scheduler
+        assert s.hold_resumes is not vllm_holds_resumes_in_flight()
+
+        schedule = s.schedule
+
+        def checked_schedule():
+            nonlocal resumed
+            out = schedule()
+            ids = {new.req_id for new in out.scheduled_new_reqs}
+            ids |= set(out.scheduled_cached_reqs.resumed_req_ids)
+            for rid in ids:
+                request = s.requests[rid]
+                if request.num_preemptions:
+                    resumed += 1
+                    # nothing of it in flight but this step
+                    assert request.num_in_flight_tokens == out.num_scheduled_tokens[rid]
+            return out
+
+        s.schedule = checked_schedule
+        feed(engine, stream)
+        held += s.num_held_resumes
+    assert resumed > 0  # preempted requests did resume
+    if not vllm_holds_resumes_in_flight():
+        assert held > 0  # and some had to wait for a step in flight
+
+
 def test_a_lone_request_decodes_every_step_and_wastes_at_most_one_token(
         make_scheduler, v2_runner):
     """Three in flight: a request gets a token scheduled in every step, and

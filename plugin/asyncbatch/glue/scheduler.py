@@ -16,9 +16,9 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
-from asyncbatch._compat import check_vllm_version
+from asyncbatch._compat import check_vllm_version, vllm_holds_resumes_in_flight
 from asyncbatch.config import AsyncBatchConfig, settings_of
 from asyncbatch.glue.checks import async_scheduling_disabled_reason
 from asyncbatch.glue.fastoutput import (
@@ -83,6 +83,13 @@ class Scheduler(AsyncScheduler):
     prefix_policy: PrefixGroupingPolicy | None = None
     decode_fast_path: DecodeFastPath | None = None
     decode_fast_output: DecodeOutputFastPath | None = None
+    # Requests preempted with a step of theirs in flight, while they may be held
+    # (`schedule`); only with more than two batches in flight on a vLLM that resumes
+    # such a request at once.
+    hold_resumes = False
+    draining: list[Request]
+    # how many times a request was held back so (for tests and logs)
+    num_held_resumes = 0
 
     def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
         check_vllm_version()
@@ -98,6 +105,9 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
+        self.hold_resumes = (self.pipeline_depth > STOCK_DEPTH
+                             and not vllm_holds_resumes_in_flight())
+        self.draining = []
         self.decode_fast_path: DecodeFastPath | None = None
         fast_path = "off"
         if settings.decode_fast_path and HAS_VLLM_STEADY_DECODE_PATH:
@@ -158,20 +168,74 @@ class Scheduler(AsyncScheduler):
         return PolicyRequestQueue(make_policy(settings.policy, vllm_policy=self.policy.value),
                                   gate_by_falsiness=gate_by_falsiness)
 
-    if not HAS_WAITING_QUEUE_HOOKS:
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        if not self.hold_resumes:
+            return self._schedule(*args, **kwargs)
+        held = self._hold_draining()
+        out = None
+        try:
+            out = self._schedule(*args, **kwargs)
+        finally:
+            for request in reversed(held):  # back in front, in their order
+                self.waiting.prepend_request(request)
+            if out is not None:
+                requests = self.requests
+                self.draining.extend(requests[rid] for rid in out.preempted_req_ids or ()
+                                     if rid in requests)
+        return out
 
-        def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-            # What vLLM's schedule() does itself with patches/0001.
-            waiting = getattr(self, "waiting", None)
-            if not isinstance(waiting, PolicyRequestQueue):  # a scheduler built without __init__
-                return super().schedule(*args, **kwargs)
-            waiting.begin_step(self)
-            out = None
-            try:
-                out = super().schedule(*args, **kwargs)
-            finally:
-                waiting.end_step(out)
-            return out
+    def _hold_draining(self) -> list[Request]:
+        """Take out of ``waiting``, for one ``schedule()``, the preempted requests with
+        a step of theirs still in flight, in their order in the queue.
+
+        vLLM 0.26 resumes a preempted request from the tokens it has, while a step
+        that samples for it may still be in flight.  With two batches in flight that
+        cannot happen: the step in flight at the preemption returns before the next
+        ``schedule()``.  With three, the resumed prefill samples the position that the
+        step in flight samples too, and the request's output placeholders run below
+        zero when both return (vLLM asserts).  vLLM 0.33 skips such a request in its
+        own ``schedule()`` until its output has returned ("deliverable stale output"),
+        which this does on the releases that do not.  A request force-preempted by
+        ``reset_prefix_cache`` drops its output in flight (``async_tokens_to_discard``)
+        and resumes as vLLM resumes it.
+        """
+        waiting = self.waiting
+        keep = []
+        for request in self.draining:
+            if (request.status == RequestStatus.PREEMPTED and request.num_in_flight_tokens > 0
+                    and not getattr(request, "async_tokens_to_discard", 0)
+                    and request in waiting):
+                keep.append(request)
+        self.draining = keep
+        if not keep:
+            return []
+        left = {request.request_id for request in keep}
+        held = []
+        for request in waiting:  # preempted requests wait in front: a short walk
+            if request.request_id in left:
+                held.append(request)
+                left.discard(request.request_id)
+                if not left:
+                    break
+        for request in held:
+            waiting.remove_request(request)
+        self.num_held_resumes += len(held)
+        return held
+
+    def _schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        if HAS_WAITING_QUEUE_HOOKS:
+            return super().schedule(*args, **kwargs)
+        # What vLLM's schedule() does itself with patches/0001.
+        waiting = getattr(self, "waiting", None)
+        if not isinstance(waiting, PolicyRequestQueue):  # a scheduler built without __init__
+            return super().schedule(*args, **kwargs)
+        waiting.begin_step(self)
+        out = None
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            waiting.end_step(out)
+        return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> dict[int, EngineCoreOutputs]:

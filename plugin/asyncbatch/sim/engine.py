@@ -262,6 +262,31 @@ class FinishedRequest:
     finish_step: int
 
 
+def sampling_requests(scheduler: Any, out: Any) -> list[str]:
+    """The requests of step ``out`` that sample a token, as the model runner decides
+    it (right after ``schedule()``, before any output of an earlier step is applied).
+
+    The runner samples a request once the step reaches the end of the tokens it
+    knows.  For a request it already holds, those are the scheduler's tokens plus
+    the ones still in flight (``num_output_placeholders``), which is the scheduler's
+    own ``is_prefill_chunk``.  A new or resumed request arrives with the scheduler's
+    tokens only (``NewRequestData`` / ``resumed_req_ids``): with an output of it
+    still in flight, the runner samples where the scheduler counts a prefill chunk.
+    """
+    fresh = {new.req_id for new in out.scheduled_new_reqs}
+    fresh |= set(out.scheduled_cached_reqs.resumed_req_ids)
+    requests = scheduler.requests
+    samples = []
+    for rid in out.num_scheduled_tokens:
+        request = requests[rid]
+        if rid in fresh:
+            if request.num_computed_tokens >= request.num_tokens:
+                samples.append(rid)
+        elif not request.is_prefill_chunk:
+            samples.append(rid)
+    return samples
+
+
 @dataclass
 class SimEngine:
     """Drives a scheduler with simulated model outputs, ``max_in_flight`` steps deep.
@@ -338,10 +363,7 @@ class SimEngine:
         if len(self.in_flight) < depth and (scheduler.has_requests() or force):
             out = self.last_scheduled = scheduler.schedule()
             self.stats.num_preemptions += len(out.preempted_req_ids or ())
-            samples = [
-                rid for rid in out.num_scheduled_tokens
-                if not scheduler.requests[rid].is_prefill_chunk
-            ]
+            samples = sampling_requests(scheduler, out)
             self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
             self.stats.num_empty_steps += out.total_num_scheduled_tokens == 0
             if out.total_num_scheduled_tokens and out.pending_structured_output_tokens:
