@@ -158,7 +158,7 @@ def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_schedul
 
         schedule = s.schedule
 
-        def checked_schedule():
+        def checked_schedule(s=s, schedule=schedule):
             nonlocal resumed
             out = schedule()
             ids = {new.req_id for new in out.scheduled_new_reqs}
