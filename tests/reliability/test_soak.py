@@ -59,23 +59,21 @@ def test_soak_with_fcfs_setting_and_no_prefix_caching(model_dir):
         assert f.num_blocks_leaked == 0 and f.leftovers == {}
 
 
-def run_three_in_flight(model_dir, monkeypatch, config):
-    """A soak with asyncbatch.Worker's three batches in flight (the EngineCore side)."""
-    from asyncbatch.glue import pipeline
-
-    # The CPU platform builds the V1 runner; the scheduler side does not depend on it.
-    monkeypatch.setattr(pipeline, "runs_v2_model_runner", lambda vllm_config: True)
+def run_three_in_flight(model_dir, config):
+    """A soak with asyncbatch.Worker's three batches in flight (the EngineCore side),
+    the scheduler configured as on a GPU with vLLM's V2 model runner."""
     run = SoakRun(config, model_dir)
-    assert run.engine.max_in_flight == 3
+    assert run.engine.max_in_flight == 3 and run.scheduler.pipeline_depth == 3
+    assert run.scheduler.use_v2_model_runner
     return run.run()
 
 
-def test_soak_with_three_batches_in_flight(model_dir, monkeypatch):
+def test_soak_with_three_batches_in_flight(model_dir):
     """asyncbatch.Worker's third batch in flight (the EngineCore side): the same
     invariants after every step, a request finishing or aborted with two
     outputs still in flight."""
     config = SoakConfig(num_requests=8_000, seed=9, worker_cls="asyncbatch.Worker")
-    f = run_three_in_flight(model_dir, monkeypatch, config)
+    f = run_three_in_flight(model_dir, config)
     SOAK_FIGURES.append(f"{f.line()} [three batches in flight]")
     assert f.num_requests == config.num_requests
     assert f.num_blocks_leaked == 0 and f.leftovers == {}
@@ -114,10 +112,10 @@ def test_soak_request_states(model_dir, scheduler_cls, scheduling_policy):
         assert f.max_bypass_steps == 0
 
 
-def test_soak_request_states_three_batches_in_flight(model_dir, monkeypatch):
+def test_soak_request_states_three_batches_in_flight(model_dir):
     config = SoakConfig(num_requests=3_000, seed=12,
                         worker_cls="asyncbatch.Worker").with_request_states()
-    f = run_three_in_flight(model_dir, monkeypatch, config)
+    f = run_three_in_flight(model_dir, config)
     SOAK_FIGURES.append(f"{f.line()} [request states, three batches in flight]")
     assert f.num_requests == config.num_requests
     assert f.num_blocks_leaked == 0 and f.leftovers == {}

@@ -81,13 +81,20 @@ def run_variant(variant: str, requests: list[BenchRequest], cost_model: CostMode
     settings = variant_settings(variant, additional_config.get("asyncbatch"))
     if settings:
         additional_config["asyncbatch"] = settings
+    deep = spec["max_in_flight"] > 2
     scheduler = build_scheduler(
         replay_model_dir(), spec["scheduler_cls"], num_blocks=config.num_blocks,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
         additional_config=additional_config, async_scheduling=spec["async_scheduling"],
+        # the third batch in flight: the scheduler as asyncbatch.Worker runs it on a GPU
+        worker_cls="asyncbatch.Worker" if deep else None, v2_model_runner=deep,
     )
+    depth = scheduler.vllm_config.max_concurrent_batches
+    if depth != spec["max_in_flight"]:
+        raise RuntimeError(f"{variant}: the scheduler runs {depth} batches in flight, "
+                           f"the replay {spec['max_in_flight']}")
     steps: list[StepFeatures] = []
     # request id -> index of the step whose output brought its first / last token
     first_step: dict[str, int] = {}

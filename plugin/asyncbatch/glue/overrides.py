@@ -103,6 +103,19 @@ REGISTER: tuple[Override, ...] = (
         upstream="patches/0004 (SchedulerConfig.async_scheduling_depth)",
     ),
     Override(
+        name="resume hold",
+        kind="hook",
+        replaces="Scheduler.schedule (wrapped: with more than two batches in flight, a "
+                 "preempted request with a step of its own still in flight leaves the waiting "
+                 "queue for the step); only where vLLM does not skip it itself (0.26)",
+        why="resumed while a step that samples for it is in flight, a request's prefill "
+            "samples the same position and its output placeholders run below zero (vLLM "
+            "asserts); with two batches in flight that step has always returned",
+        verified_on=("0.26.0", "0.33.0"),
+        upstream="vLLM 0.33's own skip of deliverable stale output in Scheduler.schedule "
+                 "(on 0.33.0 the hook stands aside)",
+    ),
+    Override(
         name="pipeline depth",
         kind="hook",
         replaces="VllmConfig.max_concurrent_batches (property replaced)",

@@ -11,6 +11,7 @@ produce the same tokens, whatever order they run them in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -42,6 +43,13 @@ def use_cpu_platform() -> None:
     _platform_ready = True
 
 
+@functools.cache
+def _v2_runner_config(base: type) -> type:
+    return type(f"{base.__name__}WithV2Runner", (base,),
+                {"use_v2_model_runner": property(lambda self: True),
+                 "__module__": __name__})
+
+
 def build_scheduler(
     model_dir: str | Path,
     scheduler_cls: type | str = "asyncbatch.Scheduler",
@@ -59,11 +67,15 @@ def build_scheduler(
     log_stats: bool = True,
     worker_cls: str | None = None,
     kv_transfer_config: Any = None,
+    v2_model_runner: bool = False,
 ) -> Any:
     """A vLLM scheduler over ``num_blocks`` KV blocks of ``block_size`` tokens.
 
     ``scheduler_cls`` is a class or a qualified name resolved the way vLLM's
     ``--scheduler-cls`` is (``SchedulerConfig.get_scheduler_cls``).
+    ``v2_model_runner``: configure it as on a GPU with vLLM's V2 model runner (the
+    CPU platform builds the V1 runner), which ``asyncbatch.Worker`` needs for a
+    third batch in flight; the scheduler then knows its depth, as it does there.
     """
     use_cpu_platform()
     import torch
@@ -116,6 +128,10 @@ def build_scheduler(
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     if worker_cls is not None:
         vllm_config.parallel_config.worker_cls = worker_cls
+    if v2_model_runner:
+        # VllmConfig.use_v2_model_runner is a property of the platform and vLLM's
+        # settings; this one configuration answers True
+        vllm_config.__class__ = _v2_runner_config(type(vllm_config))  # type: ignore[arg-type]
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],

@@ -413,7 +413,7 @@ class SoakRun:
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, scheduling_policy=c.scheduling_policy,
             enable_prefix_caching=c.enable_prefix_caching, log_stats=False,
-            worker_cls=c.worker_cls, **extra)
+            worker_cls=c.worker_cls, v2_model_runner=c.worker_cls is not None, **extra)
         self.connector = self.scheduler.connector
         self.engine = SimEngine(self.scheduler, on_step=None)
         self.engine.finished = self.ledger = _FinishLedger()
