@@ -179,6 +179,26 @@ def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_schedul
         assert held > 0  # and some had to wait for a step in flight
 
 
+def test_without_the_hold_vllm_026_asserts(make_scheduler, v2_runner):
+    """The same streams with the hold switched off end in vLLM 0.26's assertion, as
+    the engine did on the GPU."""
+    from asyncbatch._compat import vllm_holds_resumes_in_flight
+
+    if vllm_holds_resumes_in_flight():
+        pytest.skip("this vLLM holds such a request back itself")
+    with pytest.raises(AssertionError) as e:
+        for seed in range(3):
+            stream = prefix_stream(seed, num_groups=6, members=6, max_tokens=48)
+            engine = SimEngine(make_scheduler(ASYNCBATCH, num_blocks=40, worker_cls=WORKER,
+                                              **depth({"policy": "fcfs"})))
+            assert engine.scheduler.hold_resumes
+            engine.scheduler.hold_resumes = False
+            feed(engine, stream)
+    where = e.traceback[-1]
+    assert str(where.path).endswith("async_scheduler.py")  # num_output_placeholders >= 0
+    assert "num_output_placeholders" in str(where.statement)
+
+
 def test_a_lone_request_decodes_every_step_and_wastes_at_most_one_token(
         make_scheduler, v2_runner):
     """Three in flight: a request gets a token scheduled in every step, and

@@ -172,21 +172,29 @@ class Scheduler(AsyncScheduler):
         if not self.hold_resumes:
             return self._schedule(*args, **kwargs)
         held = self._hold_draining()
+        # vLLM preempts from the end of ``running`` and puts each victim in front of
+        # the waiting queue: the victims of one step wait in their running order
+        running = list(self.running)
         out = None
         try:
             out = self._schedule(*args, **kwargs)
         finally:
-            for request in reversed(held):  # back in front, in their order
-                self.waiting.prepend_request(request)
-            if out is not None:
-                requests = self.requests
-                self.draining.extend(requests[rid] for rid in out.preempted_req_ids or ()
-                                     if rid in requests)
+            waiting = self.waiting
+            # back in front, in their order; then this step's victims in front of them,
+            # where vLLM puts the newest preempted
+            for request in reversed(held):
+                waiting.prepend_request(request)
+            if out is not None and out.preempted_req_ids:
+                ids = out.preempted_req_ids
+                victims = [r for r in running if r.request_id in ids and r in waiting]
+                for request in reversed(victims):
+                    waiting.prepend_request(request)
+                self.draining = victims + self.draining
         return out
 
     def _hold_draining(self) -> list[Request]:
-        """Take out of ``waiting``, for one ``schedule()``, the preempted requests with
-        a step of theirs still in flight, in their order in the queue.
+        """Take out of ``waiting``, for one ``schedule()``, the preempted requests that
+        a step still in flight samples for (in queue order).
 
         vLLM 0.26 resumes a preempted request from the tokens it has, while a step
         that samples for it may still be in flight.  With two batches in flight that
@@ -195,28 +203,18 @@ class Scheduler(AsyncScheduler):
         step in flight samples too, and the request's output placeholders run below
         zero when both return (vLLM asserts).  vLLM 0.33 skips such a request in its
         own ``schedule()`` until its output has returned ("deliverable stale output"),
-        which this does on the releases that do not.  A request force-preempted by
-        ``reset_prefix_cache`` drops its output in flight (``async_tokens_to_discard``)
-        and resumes as vLLM resumes it.
+        which this does on the releases that do not.  On 0.26 a preempted request keeps
+        its ``num_output_placeholders``, one per sampling step in flight; a request
+        force-preempted by ``reset_prefix_cache`` has them set to 0 and its output in
+        flight dropped (``async_tokens_to_discard``), so it resumes as vLLM resumes it.
+        The held requests go back in front in their order (`schedule`), so the
+        waiting order stays vLLM's.
         """
         waiting = self.waiting
-        keep = []
-        for request in self.draining:
-            if (request.status == RequestStatus.PREEMPTED and request.num_in_flight_tokens > 0
-                    and not getattr(request, "async_tokens_to_discard", 0)
-                    and request in waiting):
-                keep.append(request)
-        self.draining = keep
-        if not keep:
-            return []
-        left = {request.request_id for request in keep}
-        held = []
-        for request in waiting:  # preempted requests wait in front: a short walk
-            if request.request_id in left:
-                held.append(request)
-                left.discard(request.request_id)
-                if not left:
-                    break
+        held = [request for request in self.draining
+                if request.status == RequestStatus.PREEMPTED
+                and request.num_output_placeholders > 0 and request in waiting]
+        self.draining = held
         for request in held:
             waiting.remove_request(request)
         self.num_held_resumes += len(held)

@@ -45,9 +45,11 @@ def use_cpu_platform() -> None:
 
 @functools.cache
 def _v2_runner_config(base: type) -> type:
+    """``base`` whose ``use_v2_model_runner`` answers True (for `build_scheduler`;
+    vLLM's own checks of the V2 runner's limits do not run on it, and it does not
+    pickle)."""
     return type(f"{base.__name__}WithV2Runner", (base,),
-                {"use_v2_model_runner": property(lambda self: True),
-                 "__module__": __name__})
+                {"use_v2_model_runner": property(lambda self: True)})
 
 
 def build_scheduler(
@@ -279,23 +281,25 @@ class FinishedRequest:
 
 
 def sampling_requests(scheduler: Any, out: Any) -> list[str]:
-    """The requests of step ``out`` that sample a token, as the model runner decides
-    it (right after ``schedule()``, before any output of an earlier step is applied).
+    """The requests of step ``out`` that sample a token, as vLLM's model runner
+    decides it (called right after ``schedule()``, before any output of an earlier
+    step is applied).
 
     The runner samples a request once the step reaches the end of the tokens it
-    knows.  For a request it already holds, those are the scheduler's tokens plus
-    the ones still in flight (``num_output_placeholders``), which is the scheduler's
-    own ``is_prefill_chunk``.  A new or resumed request arrives with the scheduler's
-    tokens only (``NewRequestData`` / ``resumed_req_ids``): with an output of it
-    still in flight, the runner samples where the scheduler counts a prefill chunk.
+    knows.  For a request it already holds, and for a resumed one under the V1
+    runner (``resumed_req_ids``, whose output count includes the outputs in
+    flight), those are the scheduler's tokens plus the outputs still in flight
+    (``num_output_placeholders``): the scheduler's own ``is_prefill_chunk``.  The V2
+    runner takes a resumed request as a new one (``scheduled_new_reqs``) with the
+    scheduler's tokens only, so with an output of it still in flight it samples
+    where the scheduler counts a prefill chunk.
     """
-    fresh = {new.req_id for new in out.scheduled_new_reqs}
-    fresh |= set(out.scheduled_cached_reqs.resumed_req_ids)
+    new = {data.req_id for data in out.scheduled_new_reqs}
     requests = scheduler.requests
     samples = []
     for rid in out.num_scheduled_tokens:
         request = requests[rid]
-        if rid in fresh:
+        if rid in new:
             if request.num_computed_tokens >= request.num_tokens:
                 samples.append(rid)
         elif not request.is_prefill_chunk:
