@@ -157,7 +157,9 @@ class AsyncBatchConfig(BaseModel):
             "speculative decoding; no sliding-window or chunked-local attention), else 2. "
             "A value above 2 where it is not supported is an error. A request may compute "
             "one token past its end, which is discarded; a request under a grammar "
-            "(structured outputs) keeps the cadence of 2."
+            "(structured outputs) keeps the cadence of 2; a preempted request resumes "
+            "only once the steps in flight that sample for it have returned (vLLM 0.33 "
+            "does this itself; on 0.26 the scheduler does)."
         ),
     )
 
