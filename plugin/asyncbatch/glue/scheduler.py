@@ -56,6 +56,9 @@ HAS_EVICT_FIRST_HOOK = hasattr(VllmScheduler, "evict_cached_blocks_first")
 # SchedulerConfig.async_scheduling_depth: set by `apply_depth` in __init__ where vLLM has
 # it; otherwise VllmConfig.max_concurrent_batches is replaced, here.
 HAS_DEPTH_SETTING = has_depth_setting()
+# vLLM keeps a preempted request waiting while a step that samples for it is in flight
+# (0.33); elsewhere `Scheduler.schedule` holds it back with three batches in flight.
+VLLM_HOLDS_RESUMES = vllm_holds_resumes_in_flight()
 # EngineCore sizes its batch queue after it has built the scheduler, so importing the
 # scheduler is early enough for ``pipeline_depth`` (see glue/pipeline.py).
 install_depth_override()
@@ -105,8 +108,7 @@ class Scheduler(AsyncScheduler):
         super().__init__(vllm_config=vllm_config, **kwargs)
         if not HAS_WAITING_QUEUE_HOOKS:
             self.waiting = self.make_waiting_queue()
-        self.hold_resumes = (self.pipeline_depth > STOCK_DEPTH
-                             and not vllm_holds_resumes_in_flight())
+        self.hold_resumes = self.pipeline_depth > STOCK_DEPTH and not VLLM_HOLDS_RESUMES
         self.draining = []
         self.decode_fast_path: DecodeFastPath | None = None
         fast_path = "off"
@@ -168,72 +170,75 @@ class Scheduler(AsyncScheduler):
         return PolicyRequestQueue(make_policy(settings.policy, vllm_policy=self.policy.value),
                                   gate_by_falsiness=gate_by_falsiness)
 
-    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        if not self.hold_resumes:
-            return self._schedule(*args, **kwargs)
-        held = self._hold_draining()
-        # vLLM preempts from the end of ``running`` and puts each victim in front of
-        # the waiting queue: the victims of one step wait in their running order
-        running = list(self.running)
-        out = None
-        try:
-            out = self._schedule(*args, **kwargs)
-        finally:
-            waiting = self.waiting
-            # back in front, in their order; then this step's victims in front of them,
-            # where vLLM puts the newest preempted
-            for request in reversed(held):
-                waiting.prepend_request(request)
-            if out is not None and out.preempted_req_ids:
-                ids = out.preempted_req_ids
-                victims = [r for r in running if r.request_id in ids and r in waiting]
-                for request in reversed(victims):
+    if not HAS_WAITING_QUEUE_HOOKS or not VLLM_HOLDS_RESUMES:
+        # vLLM with patches/0001 and its own resume hold needs neither
+
+        def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+            if not self.hold_resumes:
+                return self._schedule(*args, **kwargs)
+            held = self._hold_draining()
+            # vLLM preempts from the end of ``running`` and puts each victim in front of
+            # the waiting queue: the victims of one step wait in their running order
+            running = list(self.running)
+            out = None
+            try:
+                out = self._schedule(*args, **kwargs)
+            finally:
+                waiting = self.waiting
+                # back in front, in their order; then this step's victims in front of them,
+                # where vLLM puts the newest preempted
+                for request in reversed(held):
                     waiting.prepend_request(request)
-                self.draining = victims + self.draining
-        return out
+                if out is not None and out.preempted_req_ids:
+                    ids = out.preempted_req_ids
+                    victims = [r for r in running if r.request_id in ids and r in waiting]
+                    for request in reversed(victims):
+                        waiting.prepend_request(request)
+                    self.draining = victims + self.draining
+            return out
 
-    def _hold_draining(self) -> list[Request]:
-        """Take out of ``waiting``, for one ``schedule()``, the preempted requests that
-        a step still in flight samples for (in queue order).
+        def _hold_draining(self) -> list[Request]:
+            """Take out of ``waiting``, for one ``schedule()``, the preempted requests that
+            a step still in flight samples for (in queue order).
 
-        vLLM 0.26 resumes a preempted request from the tokens it has, while a step
-        that samples for it may still be in flight.  With two batches in flight that
-        cannot happen: the step in flight at the preemption returns before the next
-        ``schedule()``.  With three, the resumed prefill samples the position that the
-        step in flight samples too, and the request's output placeholders run below
-        zero when both return (vLLM asserts).  vLLM 0.33 skips such a request in its
-        own ``schedule()`` until its output has returned ("deliverable stale output"),
-        which this does on the releases that do not.  On 0.26 a preempted request keeps
-        its ``num_output_placeholders``, one per sampling step in flight; a request
-        force-preempted by ``reset_prefix_cache`` has them set to 0 and its output in
-        flight dropped (``async_tokens_to_discard``), so it resumes as vLLM resumes it.
-        The held requests go back in front in their order (`schedule`), so the
-        waiting order stays vLLM's.
-        """
-        waiting = self.waiting
-        held = [request for request in self.draining
-                if request.status == RequestStatus.PREEMPTED
-                and request.num_output_placeholders > 0 and request in waiting]
-        self.draining = held
-        for request in held:
-            waiting.remove_request(request)
-        self.num_held_resumes += len(held)
-        return held
+            vLLM 0.26 resumes a preempted request from the tokens it has, while a step
+            that samples for it may still be in flight.  With two batches in flight that
+            cannot happen: the step in flight at the preemption returns before the next
+            ``schedule()``.  With three, the resumed prefill samples the position that the
+            step in flight samples too, and the request's output placeholders run below
+            zero when both return (vLLM asserts).  vLLM 0.33 skips such a request in its
+            own ``schedule()`` until its output has returned ("deliverable stale output"),
+            which this does on the releases that do not.  On 0.26 a preempted request keeps
+            its ``num_output_placeholders``, one per sampling step in flight; a request
+            force-preempted by ``reset_prefix_cache`` has them set to 0 and its output in
+            flight dropped (``async_tokens_to_discard``), so it resumes as vLLM resumes it.
+            The held requests go back in front in their order (`schedule`), so the
+            waiting order stays vLLM's.
+            """
+            waiting = self.waiting
+            held = [request for request in self.draining
+                    if request.status == RequestStatus.PREEMPTED
+                    and request.num_output_placeholders > 0 and request in waiting]
+            self.draining = held
+            for request in held:
+                waiting.remove_request(request)
+            self.num_held_resumes += len(held)
+            return held
 
-    def _schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        if HAS_WAITING_QUEUE_HOOKS:
-            return super().schedule(*args, **kwargs)
-        # What vLLM's schedule() does itself with patches/0001.
-        waiting = getattr(self, "waiting", None)
-        if not isinstance(waiting, PolicyRequestQueue):  # a scheduler built without __init__
-            return super().schedule(*args, **kwargs)
-        waiting.begin_step(self)
-        out = None
-        try:
-            out = super().schedule(*args, **kwargs)
-        finally:
-            waiting.end_step(out)
-        return out
+        def _schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+            if HAS_WAITING_QUEUE_HOOKS:
+                return super().schedule(*args, **kwargs)
+            # What vLLM's schedule() does itself with patches/0001.
+            waiting = getattr(self, "waiting", None)
+            if not isinstance(waiting, PolicyRequestQueue):  # a scheduler built without __init__
+                return super().schedule(*args, **kwargs)
+            waiting.begin_step(self)
+            out = None
+            try:
+                out = super().schedule(*args, **kwargs)
+            finally:
+                waiting.end_step(out)
+            return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> dict[int, EngineCoreOutputs]:
