@@ -127,6 +127,15 @@ def test_vllm_balancer_alternates_on_equal_loads():
     assert route([1], [[3, 0], [0, 5]]) == 1  # 4 * waiting + running: 12 > 5
 
 
+def test_a_depth_the_schedulers_do_not_run_at_is_refused(model_dir):
+    """Three in flight over schedulers built for two: they would neither hold back
+    a preempted request nor space grammar steps, so the simulation refuses."""
+    from asyncbatch.sim.dp import VllmBalancer
+
+    with pytest.raises(ValueError, match="batches in flight"):
+        run(model_dir, group_arrivals(groups=1, members=1), VllmBalancer(), depth=3)
+
+
 def test_a_request_that_can_never_fit_is_refused(model_dir):
     from asyncbatch.sim.dp import Arrival, VllmBalancer
 
