@@ -248,11 +248,6 @@ class _Engine:
         scheduler.schedule = self._timed_schedule
         scheduler.update_from_output = self._timed_update
         self.on_output: Callable[[Any, float], None] = lambda out, t: None
-        if scheduler.vllm_config.max_concurrent_batches != depth:
-            # the scheduler must know its depth (the resume hold, structured outputs)
-            raise ValueError(f"the engines' schedulers run "
-                             f"{scheduler.vllm_config.max_concurrent_batches} batches in "
-                             f"flight, the simulation {depth}")
         self.sim = SimEngine(scheduler, max_in_flight=depth)
 
     def _timed_schedule(self) -> Any:

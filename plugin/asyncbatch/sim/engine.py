@@ -322,7 +322,8 @@ class SimEngine:
     token_fn: Callable[[str, int], int] = default_token
     stop_at: dict[str, int] = field(default_factory=dict)
     # steps in flight; None: as many as vLLM's EngineCore would keep
-    # (``VllmConfig.max_concurrent_batches``: 2 with async scheduling)
+    # (``VllmConfig.max_concurrent_batches``: 2 with async scheduling); a number
+    # given must be that one
     max_in_flight: int | None = None
     on_step: Callable[[SimEngine], None] | None = None
     stats: SimStats = field(default_factory=SimStats)
@@ -340,8 +341,14 @@ class SimEngine:
     kv_output: Callable[[], Any] | None = None
 
     def __post_init__(self) -> None:
+        depth = int(self.scheduler.vllm_config.max_concurrent_batches)
         if self.max_in_flight is None:
-            self.max_in_flight = int(self.scheduler.vllm_config.max_concurrent_batches)
+            self.max_in_flight = depth
+        elif self.max_in_flight != depth:
+            # the scheduler must know its depth (the resume hold, grammar spacing)
+            raise ValueError(f"the scheduler runs {depth} batches in flight, the simulation "
+                             f"{self.max_in_flight}: build it for that depth (build_scheduler's "
+                             "worker_cls and v2_model_runner)")
 
     def add_request(self, request: Any) -> None:
         self.outputs[request.request_id] = []
