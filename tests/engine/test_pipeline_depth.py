@@ -14,6 +14,7 @@ from streams import ASYNCBATCH, STOCK, feed, prefix_stream
 from asyncbatch.config import InvalidSettings
 from asyncbatch.glue import pipeline
 from asyncbatch.glue.pipeline import PipelineDepthUnsupported, effective_depth
+from asyncbatch.glue.scheduler import VLLM_HOLDS_RESUMES
 from asyncbatch.sim.engine import SimEngine, make_request
 
 WORKER = "asyncbatch.Worker"
@@ -139,6 +140,15 @@ def test_third_batch_gives_the_same_tokens_as_stock(make_scheduler, v2_runner, s
     assert deep.stats.num_preemptions > 0  # the KV pressure was real
 
 
+def preempting_runs(make_scheduler):
+    """Three shuffled prefix streams under KV pressure, each with a fresh engine three
+    deep (``fcfs`` policy), whose preemptions hit requests with steps in flight."""
+    for seed in range(3):
+        stream = prefix_stream(seed, num_groups=6, members=6, max_tokens=48)
+        yield SimEngine(make_scheduler(ASYNCBATCH, num_blocks=40, worker_cls=WORKER,
+                                       **depth({"policy": "fcfs"}))), stream
+
+
 def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_scheduler,
                                                                      v2_runner):
     """Three in flight: a request preempted while a step that samples for it is
@@ -146,15 +156,10 @@ def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_schedul
     its prefill would sample the position that step samples, and vLLM's
     ``num_output_placeholders >= 0`` assertion would end the engine (seen on a GPU
     under KV pressure); vLLM 0.33 holds such a request back itself."""
-    from asyncbatch._compat import vllm_holds_resumes_in_flight
-
     held = resumed = 0
-    for seed in range(3):
-        stream = prefix_stream(seed, num_groups=6, members=6, max_tokens=48)
-        engine = SimEngine(make_scheduler(ASYNCBATCH, num_blocks=40, worker_cls=WORKER,
-                                          **depth({"policy": "fcfs"})))
+    for engine, stream in preempting_runs(make_scheduler):
         s = engine.scheduler
-        assert s.hold_resumes is not vllm_holds_resumes_in_flight()
+        assert s.hold_resumes is not VLLM_HOLDS_RESUMES
 
         schedule = s.schedule
 
@@ -176,22 +181,17 @@ def test_a_request_preempted_with_a_step_in_flight_resumes_after_it(make_schedul
         feed(engine, stream)
         held += s.num_held_resumes
     assert resumed > 0  # preempted requests did resume
-    if not vllm_holds_resumes_in_flight():
+    if not VLLM_HOLDS_RESUMES:
         assert held > 0  # and some had to wait for a step in flight
 
 
 def test_without_the_hold_vllm_026_asserts(make_scheduler, v2_runner):
     """The same streams with the hold switched off end in vLLM 0.26's assertion, as
     the engine did on the GPU."""
-    from asyncbatch._compat import vllm_holds_resumes_in_flight
-
-    if vllm_holds_resumes_in_flight():
+    if VLLM_HOLDS_RESUMES:
         pytest.skip("this vLLM holds such a request back itself")
     with pytest.raises(AssertionError) as e:
-        for seed in range(3):
-            stream = prefix_stream(seed, num_groups=6, members=6, max_tokens=48)
-            engine = SimEngine(make_scheduler(ASYNCBATCH, num_blocks=40, worker_cls=WORKER,
-                                              **depth({"policy": "fcfs"})))
+        for engine, stream in preempting_runs(make_scheduler):
             assert engine.scheduler.hold_resumes
             engine.scheduler.hold_resumes = False
             feed(engine, stream)
